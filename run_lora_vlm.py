@@ -1,0 +1,1209 @@
+#!/usr/bin/env python
+# Copyright 2026 The run_lora_vlm authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""LoRA fine-tuning of vision-language models (Gemma 3 first) on image + chat data.
+
+On Intel Gaudi the script trains through optimum-habana's GaudiTrainer; anywhere else (CPU, CUDA)
+the very same script trains through the stock `transformers` Trainer.
+
+Single Gaudi card, lazy mode:
+
+    PT_HPU_LAZY_MODE=1 python run_lora_vlm.py \
+        --model_name_or_path google/gemma-3-12b-it --dataset_name HuggingFaceM4/ChartQA \
+        --do_train --do_eval --output_dir ./output_gemma3 --overwrite_output_dir \
+        --use_habana --use_lazy_mode --gaudi_config_name Habana/gpt2 \
+        --lora_rank 16 --bf16 --gradient_checkpointing --max_train_samples 128
+
+On a CPU with the tiny offline assets from `tests/tiny_assets.py`:
+
+    python tests/tiny_assets.py --output_dir tiny
+    python run_lora_vlm.py --model_name_or_path tiny/gemma3 --dataset_name tiny/chartqa \
+        --do_train --do_eval --output_dir out --overwrite_output_dir --num_train_epochs 1
+
+A single `.json` file holding the same keys may replace all the flags.
+"""
+
+import collections
+import dataclasses
+import importlib.util
+import io
+import json
+import logging
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import datasets
+import jinja2
+import numpy as np
+import torch
+import transformers
+from PIL import Image, ImageOps
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils.versions import require_version
+
+
+require_version("transformers>=4.50", "Gemma 3 and `compute_loss_func` need transformers>=4.50.")
+require_version("datasets>=3.0", "To fix: pip install -r requirements.txt")
+require_version("peft>=0.14", "To fix: pip install -r requirements.txt")
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "Hub id or local folder of a vision-language model, e.g. google/gemma-3-12b-it."}
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Dtype the weights are loaded in. 'auto' follows --bf16/--fp16 and else float32.",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
+    )
+    attn_implementation: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Attention kernel passed to from_pretrained (default: the model's own choice).",
+            "choices": ["eager", "sdpa", "flash_attention_2"],
+        },
+    )
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where downloaded models and data are cached."})
+    model_revision: str = field(default="main", metadata={"help": "Model branch, tag or commit to load."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the Hub."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        metadata={
+            "help": "Hub dataset id, or a local path: a save_to_disk folder, a JSON/JSONL/CSV/Parquet file, a "
+            "folder of such files, or an image folder with metadata."
+        }
+    )
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    train_split: str = field(default="train", metadata={"help": "Split used for training."})
+    eval_split: Optional[str] = field(
+        default=None,
+        metadata={"help": "Split used for evaluation (default: the first of validation, val, valid, dev)."},
+    )
+    test_split: str = field(default="test", metadata={"help": "Split used by --do_predict."})
+    validation_split_percentage: float = field(
+        default=10.0,
+        metadata={"help": "With --do_eval and no evaluation split, this share of train (seeded) becomes one."},
+    )
+    image_column: Optional[str] = field(default=None, metadata={"help": "Column holding the image(s)."})
+    question_column: Optional[str] = field(default=None, metadata={"help": "Column holding the question."})
+    answer_column: Optional[str] = field(
+        default=None, metadata={"help": "Column holding the answer (a string or a list of strings)."}
+    )
+    messages_column: Optional[str] = field(
+        default=None,
+        metadata={"help": "Column holding a chat (role/content messages or LLaVA from/value conversations)."},
+    )
+    system_prompt: Optional[str] = field(
+        default=None, metadata={"help": "System message added to every row that has none of its own."}
+    )
+    question_template: str = field(
+        default="{question}", metadata={"help": "How the question is written in the user turn; needs a {question} slot."}
+    )
+    caption_instruction: str = field(
+        default="Describe this image.",
+        metadata={"help": "User instruction for caption-only datasets (image + caption/text)."},
+    )
+    max_train_samples: Optional[int] = field(
+        default=None, metadata={"help": "Use at most this many training rows (cut before any per-row work)."}
+    )
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Use at most this many evaluation rows (cut before any per-row work)."}
+    )
+    sample_selection: str = field(
+        default="first",
+        metadata={
+            "help": "How --max_*_samples picks rows: the first N, or N at random (seeded by --seed).",
+            "choices": ["first", "random"],
+        },
+    )
+    max_seq_length: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Longest sequence in tokens (image tokens included). Longer rows have their last answer cut "
+            "at the tail when that keeps part of it, else they are invalid ('too_long')."
+        },
+    )
+    invalid_rows: str = field(
+        default="error",
+        metadata={
+            "help": "What a bad row does: 'error' stops at the first one naming it; 'skip' drops it, counts it "
+            "and lists it in skipped_rows.json.",
+            "choices": ["error", "skip"],
+        },
+    )
+
+    def __post_init__(self):
+        if "{question}" not in self.question_template:
+            raise ValueError(f"--question_template must contain a {{question}} slot, got {self.question_template!r}.")
+        if not 0 < self.validation_split_percentage < 100:
+            raise ValueError("--validation_split_percentage must be between 0 and 100 (exclusive).")
+        for flag in ("max_train_samples", "max_eval_samples", "max_seq_length"):
+            value = getattr(self, flag)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{flag} must be a positive integer, got {value}.")
+
+
+@dataclass
+class LoraArguments:
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator (scale = alpha / rank)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names to adapt (suffixes such as q_proj v_proj), or one regular expression matched "
+            "against full module names. Default: every linear layer of the language model's attention and MLP."
+        },
+    )
+
+    def __post_init__(self):
+        if self.lora_rank <= 0:
+            raise ValueError(f"--lora_rank must be positive, got {self.lora_rank}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+
+
+@dataclass
+class GaudiOnlyArguments:
+    """Flags of GaudiTrainingArguments, parsed where Habana's stack is absent so they can be refused clearly."""
+
+    use_habana: bool = field(default=False, metadata={"help": "Train on Gaudi HPUs (needs Habana's software stack)."})
+    use_lazy_mode: bool = field(default=False, metadata={"help": "Gaudi lazy mode (with PT_HPU_LAZY_MODE=1)."})
+    gaudi_config_name: Optional[str] = field(
+        default=None, metadata={"help": "GaudiConfig hub name or local path, e.g. Habana/gpt2."}
+    )
+    use_hpu_graphs_for_training: bool = field(default=False, metadata={"help": "Gaudi: HPU graphs for training."})
+    pipelining_fwd_bwd: bool = field(default=False, metadata={"help": "Gaudi: overlap forward and backward."})
+    throughput_warmup_steps: int = field(default=0, metadata={"help": "Gaudi: steps left out of throughput."})
+    adjust_throughput: bool = field(default=False, metadata={"help": "Gaudi: leave logging time out of throughput."})
+    distribution_strategy: str = field(
+        default="ddp", metadata={"help": "Gaudi: data-parallel strategy.", "choices": ["ddp", "fast_ddp"]}
+    )
+
+    def flags_set(self) -> list[str]:
+        defaults = GaudiOnlyArguments()
+        return [f"--{f.name}" for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(defaults, f.name)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Platform
+# ---------------------------------------------------------------------------------------------------
+
+
+def gaudi_stack_available() -> bool:
+    """True when Habana's PyTorch bridge and optimum-habana are installed.
+
+    Only looks the packages up: importing optimum.habana without Habana's stack crashes the process.
+    """
+    return importlib.util.find_spec("habana_frameworks") is not None and (
+        importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.habana") is not None
+    )
+
+
+def training_arguments_class() -> type:
+    if gaudi_stack_available():
+        from optimum.habana import GaudiTrainingArguments
+
+        return GaudiTrainingArguments
+    return TrainingArguments
+
+
+def parse_args(argv: Optional[list[str]] = None):
+    """Parse flags (or one JSON file) into (model, data, lora, training) arguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    on_gaudi_stack = gaudi_stack_available()
+    dataclass_types = [ModelArguments, DataArguments, LoraArguments, training_arguments_class()]
+    if not on_gaudi_stack:
+        dataclass_types.append(GaudiOnlyArguments)
+    parser = HfArgumentParser(dataclass_types)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    if not on_gaudi_stack:
+        gaudi_flags = parsed[-1].flags_set()
+        if gaudi_flags:
+            raise ValueError(
+                f"{', '.join(gaudi_flags)} need Intel Gaudi, but Habana's software stack (habana_frameworks and "
+                "optimum-habana) is not installed here. On a Gaudi machine use Habana's PyTorch container and "
+                "`pip install -r requirements.txt`; on CPU or CUDA drop these flags."
+            )
+        parsed = parsed[:-1]
+    return parsed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model families
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What the collator needs to know about one processor family.
+
+    `image_placeholder` is the text the chat template writes for each image; the processor replaces it with
+    `expanded_image_text` before tokenizing, which is how rendered character positions map onto the tokens.
+    """
+
+    image_placeholder: Callable[[Any], str]
+    expanded_image_text: Callable[[Any], str]
+    processor_call_kwargs: dict
+
+
+MODEL_FAMILIES = {
+    "gemma3": ModelFamily(
+        image_placeholder=lambda processor: processor.boi_token,
+        expanded_image_text=lambda processor: processor.full_image_sequence,
+        # Pan-and-scan would give each image a data-dependent number of crops and tokens.
+        processor_call_kwargs={"do_pan_and_scan": False},
+    ),
+}
+
+
+def model_family(model_type: str) -> ModelFamily:
+    if model_type not in MODEL_FAMILIES:
+        raise ValueError(
+            f"Model type '{model_type}' is not supported; supported model types: {', '.join(sorted(MODEL_FAMILIES))}."
+        )
+    return MODEL_FAMILIES[model_type]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: loading and splits
+# ---------------------------------------------------------------------------------------------------
+
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+EVAL_SPLIT_NAMES = ("validation", "val", "valid", "dev")
+
+
+def load_raw_datasets(data_args: DataArguments, cache_dir: Optional[str]) -> tuple[datasets.DatasetDict, Optional[Path]]:
+    """Load every split; also return the folder that relative image paths are resolved against."""
+    path = Path(data_args.dataset_name)
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.Dataset):
+            loaded = datasets.DatasetDict({"train": loaded})
+        return loaded, path
+    if path.is_file():
+        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"--dataset_name {path}: unsupported file type; use one of {sorted(DATA_FILE_BUILDERS)}.")
+        return datasets.load_dataset(builder, data_files={"train": str(path)}, cache_dir=cache_dir), path.parent
+    if path.is_dir():
+        data_files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_FILE_BUILDERS)
+        if data_files:
+            return load_split_files(data_files, cache_dir), path
+        return datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir), path
+    return datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir), None
+
+
+def load_split_files(data_files: list[Path], cache_dir: Optional[str]) -> datasets.DatasetDict:
+    """Files named after a split (train.jsonl, val.jsonl, ...) become that split; anything else is train."""
+    builders = {DATA_FILE_BUILDERS[p.suffix.lower()] for p in data_files}
+    if len(builders) > 1:
+        raise ValueError(f"Mixed data file types in one folder: {[p.name for p in data_files]}; keep one type.")
+    splits = collections.defaultdict(list)
+    for data_file in data_files:
+        stem = data_file.name.split(".")[0]
+        splits[stem if stem in ("train", "test", *EVAL_SPLIT_NAMES) else "train"].append(str(data_file))
+    return datasets.load_dataset(builders.pop(), data_files=dict(splits), cache_dir=cache_dir)
+
+
+def undecoded(feature):
+    """The same feature with image decoding switched off, so that bad images fail per row, not per batch."""
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    if isinstance(feature, (datasets.Sequence, datasets.List)) and isinstance(feature.feature, datasets.Image):
+        return type(feature)(datasets.Image(decode=False))
+    return feature
+
+
+class IndexedRows(torch.utils.data.Dataset):
+    """One split, read row by row on demand; each item carries the split name and its row index in that split."""
+
+    def __init__(self, dataset: datasets.Dataset, split: str, row_indices: np.ndarray):
+        self.dataset = dataset
+        self.split = split
+        self.row_indices = row_indices
+
+    def __len__(self) -> int:
+        return len(self.row_indices)
+
+    def __getitem__(self, position: int) -> dict:
+        row_index = int(self.row_indices[position])
+        return {"row": self.dataset[row_index], "split": self.split, "row_index": row_index}
+
+
+def cut_rows(row_indices: np.ndarray, limit: Optional[int], selection: str, seed: int) -> np.ndarray:
+    if limit is None or limit >= len(row_indices):
+        return row_indices
+    if selection == "random":
+        return np.sort(np.random.default_rng(seed).choice(row_indices, size=limit, replace=False))
+    return row_indices[:limit]
+
+
+def pick_eval_split(raw: datasets.DatasetDict, data_args: DataArguments) -> Optional[str]:
+    if data_args.eval_split is not None:
+        if data_args.eval_split not in raw:
+            raise ValueError(
+                f"--eval_split {data_args.eval_split}: dataset '{data_args.dataset_name}' has splits {list(raw)}."
+            )
+        return data_args.eval_split
+    return next((name for name in EVAL_SPLIT_NAMES if name in raw), None)
+
+
+def prepare_splits(raw: datasets.DatasetDict, data_args: DataArguments, training_args) -> dict[str, IndexedRows]:
+    """Choose train/eval/test rows by index only; no row is read here, so start-up does not grow with size."""
+    needed = {"train": training_args.do_train, "eval": training_args.do_eval, "test": training_args.do_predict}
+    if (needed["train"] or needed["eval"]) and data_args.train_split not in raw and pick_eval_split(raw, data_args) is None:
+        raise ValueError(
+            f"Dataset '{data_args.dataset_name}' has no '{data_args.train_split}' split (splits: {list(raw)}); "
+            "set --train_split."
+        )
+    for name in raw:
+        raw[name] = raw[name].cast(datasets.Features({k: undecoded(v) for k, v in raw[name].features.items()}))
+    splits = {}
+    eval_name = pick_eval_split(raw, data_args)
+    train_rows = np.arange(len(raw[data_args.train_split])) if data_args.train_split in raw else None
+    eval_rows = np.arange(len(raw[eval_name])) if eval_name else None
+    if needed["eval"] and eval_name is None:
+        eval_name = data_args.train_split
+        train_rows, eval_rows = carve_validation(len(raw[eval_name]), data_args.validation_split_percentage, training_args.seed)
+        logger.info(
+            f"No evaluation split in {list(raw)}: {len(eval_rows)} of {len(raw[eval_name])} '{eval_name}' rows "
+            f"(seed {training_args.seed}) are held out for evaluation."
+        )
+    seed = training_args.seed
+    if needed["train"]:
+        rows = cut_rows(train_rows, data_args.max_train_samples, data_args.sample_selection, seed)
+        splits["train"] = IndexedRows(raw[data_args.train_split], data_args.train_split, rows)
+    if needed["eval"]:
+        rows = cut_rows(eval_rows, data_args.max_eval_samples, data_args.sample_selection, seed)
+        splits["eval"] = IndexedRows(raw[eval_name], eval_name, rows)
+    if needed["test"]:
+        if data_args.test_split not in raw:
+            raise ValueError(f"--do_predict needs a '{data_args.test_split}' split; found {list(raw)}. Set --test_split.")
+        rows = cut_rows(np.arange(len(raw[data_args.test_split])), data_args.max_eval_samples, data_args.sample_selection, seed)
+        splits["test"] = IndexedRows(raw[data_args.test_split], data_args.test_split, rows)
+    return splits
+
+
+def carve_validation(num_rows: int, percentage: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, rank-independent split of train into (train rows, held-out rows)."""
+    held_out = max(1, int(round(num_rows * percentage / 100)))
+    if held_out >= num_rows:
+        raise ValueError(f"Cannot hold out {held_out} of {num_rows} rows for evaluation; lower --validation_split_percentage.")
+    permutation = np.random.default_rng(seed).permutation(num_rows)
+    return np.sort(permutation[held_out:]), np.sort(permutation[:held_out])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: schemas and the canonical chat form
+# ---------------------------------------------------------------------------------------------------
+
+
+class InvalidRowError(ValueError):
+    """A row that cannot become a training example; `reason` is a short stable code used in reports."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class DatasetSchema:
+    kind: str  # "question_answer", "caption" or "conversation"
+    image_column: str
+    text_column: Optional[str] = None  # the question, or None for captions and conversations
+    target_column: Optional[str] = None  # the answer, the caption, or the conversation
+
+
+IMAGE_COLUMNS = ("image", "images")
+QUESTION_COLUMNS = ("query", "question")
+ANSWER_COLUMNS = ("label", "answer", "answers")
+CONVERSATION_COLUMNS = ("messages", "conversations")
+CAPTION_COLUMNS = ("caption", "text")
+
+
+def detect_schema(columns: list[str], data_args: DataArguments) -> DatasetSchema:
+    """Work out the dataset's layout from its column names; explicit column flags win over detection."""
+    found = f"Dataset '{data_args.dataset_name}' has columns {columns}"
+
+    def pick(flag: str, candidates: tuple) -> Optional[str]:
+        explicit = getattr(data_args, flag)
+        if explicit is not None:
+            if explicit not in columns:
+                raise ValueError(f"--{flag} {explicit}: no such column. {found}.")
+            return explicit
+        return next((c for c in candidates if c in columns), None)
+
+    image_column = pick("image_column", IMAGE_COLUMNS)
+    if image_column is None:
+        raise ValueError(f"{found} but none holds images (looked for {list(IMAGE_COLUMNS)}). Set --image_column.")
+    conversation_column = pick("messages_column", CONVERSATION_COLUMNS)
+    question_column = pick("question_column", QUESTION_COLUMNS)
+    answer_column = pick("answer_column", ANSWER_COLUMNS)
+    if conversation_column is not None and data_args.question_column is None and data_args.answer_column is None:
+        return DatasetSchema("conversation", image_column, target_column=conversation_column)
+    if question_column is not None and answer_column is not None:
+        return DatasetSchema("question_answer", image_column, question_column, answer_column)
+    caption_column = answer_column or next((c for c in CAPTION_COLUMNS if c in columns), None)
+    if question_column is None and caption_column is not None:
+        return DatasetSchema("caption", image_column, target_column=caption_column)
+    missing = "--answer_column" if question_column is not None else "--question_column and --answer_column"
+    raise ValueError(
+        f"{found}: cannot tell the question and answer apart (looked for questions in {list(QUESTION_COLUMNS)}, "
+        f"answers in {list(ANSWER_COLUMNS)}, chats in {list(CONVERSATION_COLUMNS)}). Set {missing}, "
+        "or --messages_column for chat data."
+    )
+
+
+def choose_answer(value: Any) -> tuple[str, list[str]]:
+    """Return (training target, all gold answers): the most frequent answer, ties going to the first one."""
+    if isinstance(value, str):
+        answers = [value]
+    elif isinstance(value, (list, tuple)):
+        answers = [a["answer"] if isinstance(a, dict) else a for a in value]
+    else:
+        raise InvalidRowError("non_string_answer", f"answer is {type(value).__name__}, expected text")
+    if not all(isinstance(a, str) for a in answers):
+        raise InvalidRowError("non_string_answer", f"answers must be text, got {answers!r}")
+    answers = [a.strip() for a in answers if a.strip()]
+    if not answers:
+        raise InvalidRowError("empty_answer", "the answer is empty")
+    return collections.Counter(answers).most_common(1)[0][0], answers
+
+
+def as_image_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def user_turn(num_images: int, text: str) -> dict:
+    return {"role": "user", "content": [{"type": "image"}] * num_images + [text_part(text)]}
+
+
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def conversation_turn(message: Any, image_placeholder: str) -> dict:
+    """One chat message in canonical form; `<image>` placeholders in string content become image parts."""
+    if not isinstance(message, dict):
+        raise InvalidRowError("bad_conversation", f"message {message!r} is not a dict")
+    role = ROLE_NAMES.get(message.get("role", message.get("from")))
+    if role is None:
+        raise InvalidRowError("bad_conversation", f"unknown role in {message!r}; expected one of {sorted(ROLE_NAMES)}")
+    content = message.get("content", message.get("value"))
+    if isinstance(content, str):
+        parts = []
+        for index, piece in enumerate(content.split(image_placeholder)):
+            if index:
+                parts.append({"type": "image"})
+            if piece.strip():
+                parts.append(text_part(piece.strip()))
+    elif isinstance(content, list):
+        parts = [{"type": "image"} if part.get("type") == "image" else text_part(str(part.get("text", "")).strip()) for part in content]
+    else:
+        raise InvalidRowError("bad_conversation", f"{role} message content is {type(content).__name__}")
+    return {"role": role, "content": parts}
+
+
+def normalize_row(row: dict, schema: DatasetSchema, data_args: DataArguments) -> dict:
+    """Turn one row of any supported schema into {"images", "messages", "answers"} (images still undecoded)."""
+    images = as_image_list(row.get(schema.image_column))
+    if schema.kind == "conversation":
+        raw_messages = row.get(schema.target_column)
+        if not isinstance(raw_messages, list) or not raw_messages:
+            raise InvalidRowError("bad_conversation", f"column '{schema.target_column}' holds no messages")
+        messages = [conversation_turn(m, "<image>") for m in raw_messages]
+        check_conversation(messages, len(images))
+        answers = [part["text"] for m in messages if m["role"] == "assistant" for part in m["content"]]
+    else:
+        if schema.kind == "caption":
+            question = data_args.caption_instruction
+        else:
+            question = row.get(schema.text_column)
+            if not isinstance(question, str) or not question.strip():
+                raise InvalidRowError("empty_question", f"column '{schema.text_column}' is empty")
+            question = data_args.question_template.format(question=question.strip())
+        target, answers = choose_answer(row.get(schema.target_column))
+        messages = [user_turn(len(images), question), {"role": "assistant", "content": [text_part(target)]}]
+    if data_args.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": [text_part(data_args.system_prompt)]})
+    return {"images": images, "messages": messages, "answers": answers}
+
+
+def check_conversation(messages: list[dict], num_images: int) -> None:
+    placeholders = sum(part["type"] == "image" for m in messages for part in m["content"])
+    if placeholders != num_images:
+        raise InvalidRowError("image_count_mismatch", f"{placeholders} image placeholders but {num_images} images")
+    assistant_texts = [p for m in messages if m["role"] == "assistant" for p in m["content"]]
+    if not assistant_texts:
+        raise InvalidRowError("no_assistant_turn", "the conversation has no assistant message")
+    if any(p["type"] != "text" or not p["text"] for p in assistant_texts):
+        raise InvalidRowError("empty_answer", "an assistant message is empty or holds an image")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: images
+# ---------------------------------------------------------------------------------------------------
+
+
+def open_image(value: Any, base_dir: Optional[Path]) -> Image.Image:
+    """Decode a PIL image, bytes, {"bytes", "path"} dict or file path (relative to the dataset) as upright RGB."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, str) and value:
+            path = Path(value)
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            if not path.is_file():
+                raise InvalidRowError("image_missing", f"image file {str(path)!r} does not exist")
+            image = Image.open(path)
+        else:
+            raise InvalidRowError("image_missing", f"no image in the row (got {type(value).__name__})")
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, InvalidRowError):
+            raise
+        raise InvalidRowError("image_unreadable", f"cannot decode image: {e}") from e
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for any PIL mode: transparency composited on white, 16/32-bit grey scaled down rather than clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        full_scale = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
+        grey = np.clip(pixels / full_scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: skipped-row bookkeeping
+# ---------------------------------------------------------------------------------------------------
+
+
+class SkippedRows:
+    """Counts invalid (skipped) and truncated rows.
+
+    Each process (dataloader workers and ranks included) appends to its own JSON-lines file under
+    `<output_dir>/skipped_rows.parts`; `write_report` merges them into `skipped_rows.json`.
+    """
+
+    def __init__(self, output_dir: Optional[str]):
+        self.parts_dir = Path(output_dir, "skipped_rows.parts") if output_dir else None
+
+    def record(self, action: str, split: str, row_index: int, reason: str, detail: str) -> None:
+        entry = {"action": action, "split": split, "row_index": row_index, "reason": reason, "detail": detail}
+        if self.parts_dir is not None:
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.parts_dir / f"pid{os.getpid()}.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def clear(self) -> None:
+        if self.parts_dir is not None and self.parts_dir.is_dir():
+            for part in self.parts_dir.glob("*.jsonl"):
+                part.unlink()
+
+    def entries(self) -> list[dict]:
+        if self.parts_dir is None or not self.parts_dir.is_dir():
+            return []
+        unique = {}
+        for part in sorted(self.parts_dir.glob("*.jsonl")):
+            for line in part.read_text().splitlines():
+                entry = json.loads(line)
+                unique[(entry["action"], entry["split"], entry["row_index"])] = entry
+        return sorted(unique.values(), key=lambda e: (e["action"], e["split"], e["row_index"]))
+
+    def write_report(self, output_dir: str) -> dict:
+        """Write skipped_rows.json; return {action: {reason: count}} for logging."""
+        entries = self.entries()
+        counts = collections.defaultdict(collections.Counter)
+        for entry in entries:
+            counts[entry["action"]][entry["reason"]] += 1
+        report = {
+            "skipped_by_reason": dict(counts["skipped"]),
+            "truncated_by_reason": dict(counts["truncated"]),
+            "rows": entries,
+        }
+        with open(Path(output_dir, "skipped_rows.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        return {"skipped": dict(counts["skipped"]), "truncated": dict(counts["truncated"])}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Collator: chat template rendering and assistant-only labels
+# ---------------------------------------------------------------------------------------------------
+
+
+def render_with_assistant_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render a chat and find, in characters, what each assistant turn contributes.
+
+    The spans come from the chat template itself: turn i spans from the end of the conversation so far
+    rendered with a generation prompt to the end of the conversation including turn i; trailing
+    whitespace is left out so the end-of-turn token is trained but not the newline after it.
+    """
+    text = processor.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = processor.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        upto = processor.apply_chat_template(messages[: index + 1], tokenize=False).rstrip()
+        if not (upto.startswith(prompt) and text.startswith(upto)):
+            raise ValueError(
+                "The chat template does not render conversations as growing prefixes, so assistant tokens "
+                "cannot be located; this template is not supported."
+            )
+        spans.append((len(prompt), len(upto)))
+    return text, spans
+
+
+def assistant_token_labels(
+    input_ids: np.ndarray, token_starts: np.ndarray, spans: list[tuple[int, int]]
+) -> np.ndarray:
+    """Labels that keep a token only when it starts inside an assistant span (positions in the processed text)."""
+    trained = np.zeros(len(input_ids), dtype=bool)
+    for start, end in spans:
+        trained |= (token_starts >= start) & (token_starts < end)
+    return np.where(trained, input_ids, IGNORE_INDEX)
+
+
+def shift_spans_for_images(text: str, spans: list, placeholder: str, growth: int) -> list[tuple[int, int]]:
+    """Move spans found in the rendered text to where they sit after the processor expanded each image."""
+    shifted = []
+    for start, end in spans:
+        images_before = text.count(placeholder, 0, start)
+        shifted.append((start + images_before * growth, end + images_before * growth))
+    return shifted
+
+
+@dataclass
+class EncodedRow:
+    input_ids: np.ndarray
+    labels: np.ndarray
+    token_type_ids: Optional[np.ndarray]
+    image_slice: slice  # this row's images within the batch's pixel_values
+
+
+class VisionChatCollator:
+    """Turns dataset rows into model batches that train on assistant tokens only.
+
+    Rows are normalized, their images decoded and the chat rendered here, per batch, so start-up does not
+    depend on dataset size. Bad rows raise (`invalid_rows="error"`) or are counted and dropped ("skip").
+    """
+
+    def __init__(
+        self,
+        processor,
+        family: ModelFamily,
+        schema: DatasetSchema,
+        data_args: DataArguments,
+        image_base_dir: Optional[Path] = None,
+        skipped_rows: Optional[SkippedRows] = None,
+    ):
+        self.processor = processor
+        self.family = family
+        self.schema = schema
+        self.data_args = data_args
+        self.image_base_dir = image_base_dir
+        self.skipped_rows = skipped_rows or SkippedRows(None)
+        self.placeholder = family.image_placeholder(processor)
+        self.placeholder_growth = len(family.expanded_image_text(processor)) - len(self.placeholder)
+        self.pad_token_id = processor.tokenizer.pad_token_id
+
+    def reject(self, feature: dict, error: InvalidRowError, action: str = "skipped") -> None:
+        where = f"{feature['split']} row {feature['row_index']}"
+        if action == "skipped" and self.data_args.invalid_rows == "error":
+            raise ValueError(
+                f"Invalid {where}: {error.reason}: {error.detail}. Fix the row, or pass --invalid_rows skip "
+                "to drop such rows (they are listed in skipped_rows.json)."
+            ) from error
+        self.skipped_rows.record(action, feature["split"], feature["row_index"], error.reason, error.detail)
+
+    def prepare(self, feature: dict) -> tuple[str, list, list]:
+        """Normalize one row: (rendered text, assistant spans, decoded images)."""
+        example = normalize_row(feature["row"], self.schema, self.data_args)
+        images = [open_image(image, self.image_base_dir) for image in example["images"]]
+        try:
+            text, spans = render_with_assistant_spans(self.processor, example["messages"])
+        except jinja2.TemplateError as e:  # the template's own checks, e.g. roles that do not alternate
+            raise InvalidRowError("bad_conversation", f"the chat template rejected it: {e}") from e
+        return text, spans, images
+
+    def __call__(self, features: list[dict]) -> dict:
+        prepared = []
+        for feature in features:
+            try:
+                prepared.append((feature, *self.prepare(feature)))
+            except InvalidRowError as e:
+                self.reject(feature, e)
+        rows, pixel_values = self.encode(prepared)
+        return self.pad(rows, pixel_values)
+
+    def encode(self, prepared: list) -> tuple[list[EncodedRow], Any]:
+        """One processor call for the batch, then per-row labels and length policy."""
+        if not prepared:
+            return [], None
+        texts = [text for _, text, _, _ in prepared]
+        images = [imgs for _, _, _, imgs in prepared]
+        processed = self.processor(
+            text=texts,
+            images=images if any(images) else None,
+            add_special_tokens=False,  # the chat template already wrote <bos>
+            return_offsets_mapping=True,
+            # Some processors build token_type_ids as one array, which needs equal lengths; rows are cut back
+            # to their own length below and padded again by --padding_strategy.
+            padding="longest",
+            padding_side="right",
+            **(self.family.processor_call_kwargs if any(images) else {}),
+        )
+        rows, image_start = [], 0
+        for index, (feature, text, spans, row_images) in enumerate(prepared):
+            length = int(np.sum(processed["attention_mask"][index]))
+            input_ids = np.asarray(processed["input_ids"][index][:length], dtype=np.int64)
+            token_starts = np.asarray(processed["offset_mapping"][index][:length], dtype=np.int64).reshape(-1, 2)[:, 0]
+            spans = shift_spans_for_images(text, spans, self.placeholder, self.placeholder_growth)
+            labels = assistant_token_labels(input_ids, token_starts, spans)
+            token_type_ids = processed.get("token_type_ids")
+            row = EncodedRow(
+                input_ids,
+                labels,
+                None if token_type_ids is None else np.asarray(token_type_ids[index][:length], dtype=np.int64),
+                slice(image_start, image_start + len(row_images)),
+            )
+            image_start += len(row_images)
+            try:
+                rows.append(self.fit_length(row, feature))
+            except InvalidRowError as e:
+                self.reject(feature, e)
+        return rows, processed.get("pixel_values")
+
+    def fit_length(self, row: EncodedRow, feature: dict) -> EncodedRow:
+        """Apply --max_seq_length: cut only the tail of the last answer, never an image or a whole answer."""
+        trained_positions = np.flatnonzero(row.labels != IGNORE_INDEX)
+        if len(trained_positions) == 0:
+            raise InvalidRowError("no_trained_tokens", "no assistant token survived tokenization")
+        limit = self.data_args.max_seq_length
+        if limit is None or len(row.input_ids) <= limit:
+            return row
+        # Answers are contiguous runs of trained tokens; the last run is the only one that may be cut.
+        gaps = np.flatnonzero(np.diff(trained_positions) > 1)
+        first_token_of_last_answer = int(trained_positions[gaps[-1] + 1] if len(gaps) else trained_positions[0])
+        if limit <= first_token_of_last_answer:
+            raise InvalidRowError(
+                "too_long", f"{len(row.input_ids)} tokens; the last answer starts at token {first_token_of_last_answer}, "
+                f"beyond --max_seq_length {limit}"
+            )
+        self.reject(feature, InvalidRowError("answer_truncated", f"{len(row.input_ids)} tokens cut to {limit}"), "truncated")
+        return dataclasses.replace(
+            row,
+            input_ids=row.input_ids[:limit],
+            labels=row.labels[:limit],
+            token_type_ids=None if row.token_type_ids is None else row.token_type_ids[:limit],
+        )
+
+    def padded_length(self, longest: int) -> int:
+        return longest
+
+    def pad(self, rows: list[EncodedRow], pixel_values) -> dict:
+        if not rows:
+            return self.empty_batch()
+        length = self.padded_length(max(len(r.input_ids) for r in rows))
+        batch = {
+            "input_ids": torch.full((len(rows), length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(rows), length), dtype=torch.long),
+            "labels": torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long),
+        }
+        has_token_types = rows[0].token_type_ids is not None
+        if has_token_types:
+            batch["token_type_ids"] = torch.zeros((len(rows), length), dtype=torch.long)
+        kept_images = []
+        for i, row in enumerate(rows):
+            n = len(row.input_ids)
+            batch["input_ids"][i, :n] = torch.from_numpy(row.input_ids)
+            batch["attention_mask"][i, :n] = 1
+            batch["labels"][i, :n] = torch.from_numpy(row.labels)
+            if has_token_types:
+                batch["token_type_ids"][i, :n] = torch.from_numpy(row.token_type_ids)
+            kept_images.extend(range(row.image_slice.start, row.image_slice.stop))
+        if kept_images:
+            batch["pixel_values"] = torch.as_tensor(np.stack([pixel_values[j] for j in kept_images]))
+        return batch
+
+    def empty_batch(self) -> dict:
+        """Stand-in for a batch whose rows were all skipped: one <bos>, nothing trained, so zero gradient.
+
+        Returning nothing would crash the trainer, and on several ranks a rank that skipped its step would
+        leave the others waiting in the gradient all-reduce.
+        """
+        bos = self.processor.tokenizer.bos_token_id
+        batch = {
+            "input_ids": torch.tensor([[bos]], dtype=torch.long),
+            "attention_mask": torch.ones((1, 1), dtype=torch.long),
+            "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
+        }
+        if "token_type_ids" in self.processor.model_input_names:
+            batch["token_type_ids"] = torch.zeros((1, 1), dtype=torch.long)
+        return batch
+
+
+def format_trained_tokens(tokenizer, input_ids, labels) -> str:
+    """Decode a row with trained tokens in [[...]] and runs of one repeated token collapsed, for the log."""
+    pieces, previous, repeat = [], None, 0
+    tokens = [(int(t), int(l) != IGNORE_INDEX) for t, l in zip(input_ids, labels)]
+    for position, (token, trained) in enumerate(tokens + [(None, False)]):
+        if (token, trained) == previous:
+            repeat += 1
+            continue
+        if previous is not None and previous[0] is not None:
+            text = tokenizer.decode([previous[0]], skip_special_tokens=False)
+            text = text * repeat if repeat < 4 else f"{text}×{repeat}"
+            pieces.append(f"[[{text}]]" if previous[1] else text)
+        previous, repeat = (token, trained), 1
+    return "".join(pieces)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross-entropy over trained tokens, in float32, with static shapes.
+
+    The sum is divided by the number of trained tokens in the whole gradient-accumulation window (the
+    trainer's `num_items_in_batch`), so accumulating N batches of 1 gives the gradient of one batch of N.
+    """
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    loss_sum = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    if num_items_in_batch is None:
+        num_items_in_batch = (shift_labels != IGNORE_INDEX).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss_sum.device).clamp(min=1)
+    else:
+        num_items_in_batch = max(int(num_items_in_batch), 1)
+    return loss_sum / num_items_in_batch
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model and LoRA
+# ---------------------------------------------------------------------------------------------------
+
+
+def resolve_dtype(model_args: ModelArguments, training_args) -> torch.dtype:
+    if model_args.torch_dtype != "auto":
+        return getattr(torch, model_args.torch_dtype)
+    if training_args.bf16:
+        return torch.bfloat16
+    return torch.float16 if training_args.fp16 else torch.float32
+
+
+def load_model(model_args: ModelArguments, training_args, config):
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_args.model_name_or_path,
+        config=config,
+        torch_dtype=resolve_dtype(model_args, training_args),
+        attn_implementation=model_args.attn_implementation,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    # The KV cache is useless in training and conflicts with gradient checkpointing.
+    model.config.use_cache = False
+    if getattr(model.config, "text_config", None) is not None:
+        model.config.text_config.use_cache = False
+    if training_args.gradient_checkpointing:
+        # Lets gradients reach the LoRA layers through checkpointed blocks whose inputs are frozen embeddings.
+        model.enable_input_require_grads()
+        if training_args.gradient_checkpointing_kwargs is None:
+            training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    return model
+
+
+def default_lora_targets(model) -> str:
+    """A regex over the language model's linear layers (attention and MLP), leaving vision and projector out."""
+    language_model = model.get_decoder()
+    prefix = next(name for name, module in model.named_modules() if module is language_model)
+    leaf_names = sorted(
+        {name.rsplit(".", 1)[-1] for name, module in language_model.named_modules() if isinstance(module, torch.nn.Linear)}
+    )
+    if not leaf_names:
+        raise ValueError(f"No linear layers under '{prefix}'; set --lora_target_modules.")
+    return rf"^{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, leaf_names))})$"
+
+
+def lora_targets(model, lora_args: LoraArguments):
+    requested = lora_args.lora_target_modules
+    if not requested:
+        return default_lora_targets(model)
+    if len(requested) == 1 and re.search(r"[\^\$\*\+\?\[\]\(\)\|\\]", requested[0]):
+        return requested[0]
+    return list(requested)
+
+
+def apply_lora(model, lora_args: LoraArguments):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora_args.lora_rank,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=lora_targets(model, lora_args),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as e:
+        raise ValueError(f"--lora_target_modules {lora_args.lora_target_modules}: {e}") from e
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info(f"LoRA targets: {config.target_modules}")
+    logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trainer and run bookkeeping
+# ---------------------------------------------------------------------------------------------------
+
+
+def setup_logging(training_args) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.warning(
+        f"Process rank: {training_args.process_index}, device: {training_args.device}, "
+        f"world size: {training_args.world_size}, bf16: {training_args.bf16}"
+    )
+
+
+def checkpoint_to_resume(training_args) -> Optional[str]:
+    """The checkpoint to resume from; refuse to train into a non-empty folder that holds none."""
+    if training_args.resume_from_checkpoint is not None:
+        return training_args.resume_from_checkpoint
+    output_dir = Path(training_args.output_dir)
+    if not training_args.do_train or training_args.overwrite_output_dir or not output_dir.is_dir():
+        return None
+    last_checkpoint = get_last_checkpoint(str(output_dir))
+    if last_checkpoint is None and any(p.name != "skipped_rows.parts" for p in output_dir.iterdir()):
+        raise ValueError(
+            f"--output_dir {output_dir} is not empty and holds no checkpoint to resume from. "
+            "Pass --overwrite_output_dir to train over it, or choose another folder."
+        )
+    if last_checkpoint is not None:
+        logger.info(f"Resuming from {last_checkpoint}; pass --overwrite_output_dir to start afresh.")
+    return last_checkpoint
+
+
+def prepare_training_arguments(training_args) -> None:
+    """Settings the data pipeline depends on, whatever the command line says."""
+    # The collator reads the raw columns; the trainer must not drop them.
+    training_args.remove_unused_columns = False
+    # PEFT's wrapper hides `labels` from the trainer's signature inspection.
+    training_args.label_names = ["labels"]
+    # Evaluation needs the loss only; gathering full-vocabulary logits would exhaust memory.
+    training_args.prediction_loss_only = True
+
+
+def build_trainer(model, training_args, model_args, processor, splits, collator):
+    common = dict(
+        model=model,
+        args=training_args,
+        train_dataset=splits.get("train"),
+        eval_dataset=splits.get("eval"),
+        data_collator=collator,
+        processing_class=processor,
+        compute_loss_func=causal_lm_loss,
+    )
+    if not getattr(training_args, "use_habana", False) and not gaudi_stack_available():
+        return Trainer(**common)
+    from optimum.habana import GaudiConfig, GaudiTrainer
+
+    if training_args.gaudi_config_name:
+        gaudi_config = GaudiConfig.from_pretrained(
+            training_args.gaudi_config_name, cache_dir=model_args.cache_dir, revision=model_args.model_revision
+        )
+    else:
+        gaudi_config = GaudiConfig()
+    return GaudiTrainer(gaudi_config=gaudi_config, **common)
+
+
+def log_trained_sample(collator: VisionChatCollator, splits: dict) -> None:
+    """Show one encoded row with its trained tokens marked, so a wrong mask is visible before training."""
+    rows = splits.get("train") or splits.get("eval")
+    if rows is None or len(rows) == 0:
+        return
+    batch = collator([rows[0]])
+    marked = format_trained_tokens(collator.processor.tokenizer, batch["input_ids"][0], batch["labels"][0])
+    logger.info(f"Sample {rows.split} row {rows.row_indices[0]}, trained tokens in [[...]]:\n{marked}")
+
+
+def log_training_plan(training_args, num_rows: int) -> None:
+    per_device = training_args.per_device_train_batch_size
+    accumulation = training_args.gradient_accumulation_steps
+    logger.info(
+        f"Running training on {num_rows} rows: world size {training_args.world_size}, per-device batch {per_device}, "
+        f"gradient accumulation {accumulation}, effective batch size {per_device * training_args.world_size * accumulation}"
+    )
+
+
+def add_perplexity(metrics: dict, prefix: str = "eval") -> dict:
+    loss = metrics.get(f"{prefix}_loss")
+    if loss is not None:
+        metrics[f"{prefix}_perplexity"] = math.exp(loss) if loss < 700 else float("inf")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pipeline
+# ---------------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    # Parse: on Gaudi this builds GaudiTrainingArguments, which must exist before the model is loaded.
+    model_args, data_args, lora_args, training_args = parse_args(argv)
+    prepare_training_arguments(training_args)
+
+    # Logging, seed and the output folder policy.
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    resume_checkpoint = checkpoint_to_resume(training_args)
+
+    # Data: rows are chosen by index only; images are decoded per batch by the collator.
+    with training_args.main_process_first(desc="loading the dataset"):
+        raw, image_base_dir = load_raw_datasets(data_args, model_args.cache_dir)
+        splits = prepare_splits(raw, data_args, training_args)
+    schema = detect_schema(next(iter(splits.values())).dataset.column_names, data_args)
+    logger.info(f"Dataset schema: {schema}; rows: { {name: len(rows) for name, rows in splits.items()} }")
+
+    # Processor and model; the model family comes from the config, never from the model's name.
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    family = model_family(config.model_type)
+    processor = AutoProcessor.from_pretrained(
+        model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if not processor.chat_template:
+        raise ValueError(f"{model_args.model_name_or_path} has no chat template; use an instruction-tuned checkpoint.")
+    model = load_model(model_args, training_args, config)
+
+    # LoRA on the language model only.
+    model = apply_lora(model, lora_args)
+
+    # Collator: assistant tokens only are trained.
+    skipped_rows = SkippedRows(training_args.output_dir)
+    if training_args.should_save and resume_checkpoint is None:
+        skipped_rows.clear()
+    collator = VisionChatCollator(processor, family, schema, data_args, image_base_dir, skipped_rows)
+    if training_args.should_log:
+        log_trained_sample(collator, splits)
+
+    # Trainer: GaudiTrainer on Gaudi, the stock Trainer elsewhere.
+    trainer = build_trainer(model, training_args, model_args, processor, splits, collator)
+    results = {}
+
+    # Train, then save the adapter and the processor.
+    if training_args.do_train:
+        log_training_plan(training_args, len(splits["train"]))
+        train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
+        trainer.save_model()
+        metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        results.update(metrics)
+
+    # Evaluate: loss over assistant tokens and its perplexity.
+    if training_args.do_eval:
+        metrics = add_perplexity({**trainer.evaluate(), "eval_samples": len(splits["eval"])})
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+
+    # Report rows that were skipped or truncated, once every rank has recorded its own.
+    trainer.accelerator.wait_for_everyone()
+    if training_args.should_save:
+        report = skipped_rows.write_report(training_args.output_dir)
+        if any(report.values()):
+            logger.warning(f"Rows skipped or truncated, by reason: {report} (see skipped_rows.json)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
