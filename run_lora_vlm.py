@@ -251,25 +251,29 @@ def training_arguments_class() -> type:
 def parse_args(argv: Optional[list[str]] = None):
     """Parse flags (or one JSON file) into (model, data, lora, training) arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    on_gaudi_stack = gaudi_stack_available()
-    dataclass_types = [ModelArguments, DataArguments, LoraArguments, training_arguments_class()]
-    if not on_gaudi_stack:
-        dataclass_types.append(GaudiOnlyArguments)
-    parser = HfArgumentParser(dataclass_types)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    json_file = os.path.abspath(argv[0]) if len(argv) == 1 and argv[0].endswith(".json") else None
+    if not gaudi_stack_available():
+        # Checked first, so that a Gaudi command line gets this message rather than a later, vaguer one.
+        refuse_gaudi_flags(argv, json_file)
+    parser = HfArgumentParser([ModelArguments, DataArguments, LoraArguments, training_arguments_class()])
+    if json_file is not None:
+        return parser.parse_json_file(json_file=json_file, allow_extra_keys=not gaudi_stack_available())
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def refuse_gaudi_flags(argv: list[str], json_file: Optional[str]) -> None:
+    gaudi_parser = HfArgumentParser(GaudiOnlyArguments)
+    if json_file is not None:
+        (gaudi_args,) = gaudi_parser.parse_json_file(json_file=json_file, allow_extra_keys=True)
     else:
-        parsed = parser.parse_args_into_dataclasses(args=argv)
-    if not on_gaudi_stack:
-        gaudi_flags = parsed[-1].flags_set()
-        if gaudi_flags:
-            raise ValueError(
-                f"{', '.join(gaudi_flags)} need Intel Gaudi, but Habana's software stack (habana_frameworks and "
-                "optimum-habana) is not installed here. On a Gaudi machine use Habana's PyTorch container and "
-                "`pip install -r requirements.txt`; on CPU or CUDA drop these flags."
-            )
-        parsed = parsed[:-1]
-    return parsed
+        gaudi_args, _ = gaudi_parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    gaudi_flags = gaudi_args.flags_set()
+    if gaudi_flags:
+        raise ValueError(
+            f"{', '.join(gaudi_flags)} need Intel Gaudi, but Habana's software stack (habana_frameworks and "
+            "optimum-habana) is not installed here. On a Gaudi machine use Habana's PyTorch container and "
+            "`pip install -r requirements.txt`; on CPU or CUDA drop these flags."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -565,6 +569,8 @@ def normalize_row(row: dict, schema: DatasetSchema, data_args: DataArguments) ->
         check_conversation(messages, len(images))
         answers = [part["text"] for m in messages if m["role"] == "assistant" for part in m["content"]]
     else:
+        if not images:
+            raise InvalidRowError("image_missing", f"column '{schema.image_column}' is empty")
         if schema.kind == "caption":
             question = data_args.caption_instruction
         else:
@@ -1132,7 +1138,8 @@ def add_perplexity(metrics: dict, prefix: str = "eval") -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: Optional[list[str]] = None):
+    """Run the pipeline; returns the trainer (its model holds the trained adapter) for callers and tests."""
     # Parse: on Gaudi this builds GaudiTrainingArguments, which must exist before the model is loaded.
     model_args, data_args, lora_args, training_args = parse_args(argv)
     prepare_training_arguments(training_args)
@@ -1176,7 +1183,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     # Trainer: GaudiTrainer on Gaudi, the stock Trainer elsewhere.
     trainer = build_trainer(model, training_args, model_args, processor, splits, collator)
-    results = {}
 
     # Train, then save the adapter and the processor.
     if training_args.do_train:
@@ -1187,14 +1193,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
-        results.update(metrics)
 
     # Evaluate: loss over assistant tokens and its perplexity.
     if training_args.do_eval:
         metrics = add_perplexity({**trainer.evaluate(), "eval_samples": len(splits["eval"])})
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-        results.update(metrics)
 
     # Report rows that were skipped or truncated, once every rank has recorded its own.
     trainer.accelerator.wait_for_everyone()
@@ -1202,7 +1206,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         report = skipped_rows.write_report(training_args.output_dir)
         if any(report.values()):
             logger.warning(f"Rows skipped or truncated, by reason: {report} (see skipped_rows.json)")
-    return results
+    return trainer
 
 
 if __name__ == "__main__":

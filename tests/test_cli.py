@@ -1,0 +1,179 @@
+# Licensed under the Apache License, Version 2.0 (the "License").
+"""The CLI end to end on the tiny offline Gemma 3: train, evaluate, save, reload, resume."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import run_lora_vlm as rlv
+from conftest import REPO_ROOT, train_argv
+
+SEED_SINGLE_CARD = [
+    "--model_name_or_path", "google/gemma-3-12b-it", "--dataset_name", "HuggingFaceM4/ChartQA",
+    "--num_train_epochs", "5", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
+    "--do_train", "--do_eval", "--output_dir", "./output_gemma3", "--gaudi_config_name", "Habana/gpt2",
+    "--use_habana", "--lora_rank", "16", "--max_train_samples", "128", "--overwrite_output_dir", "--bf16",
+    "--use_lazy_mode", "--gradient_checkpointing",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory):
+    """One real training + evaluation run shared by the assertions below."""
+    output_dir = tmp_path_factory.mktemp("trained")
+    trainer = rlv.main(train_argv(assets, output_dir, "--do_train", "--do_eval", "--num_train_epochs", "2"))
+    return trainer, output_dir
+
+
+def test_training_writes_adapter_processor_and_finite_metrics(trained):
+    _, output_dir = trained
+    for name in ("adapter_model.safetensors", "adapter_config.json", "processor_config.json", "tokenizer.json",
+                 "train_results.json", "eval_results.json", "all_results.json", "skipped_rows.json"):
+        assert (output_dir / name).is_file(), name
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert math.isfinite(results["eval_loss"]) and math.isfinite(results["train_loss"])
+    assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    assert json.loads((output_dir / "skipped_rows.json").read_text())["rows"] == []
+
+
+def test_lora_weights_changed_and_base_weights_did_not(trained, assets):
+    trainer, _ = trained
+    original = load_file(f"{assets['model']}/model.safetensors")
+    state = {k: v.detach() for k, v in trainer.model.state_dict().items()}
+    lora_b = [v for k, v in state.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # lora_B starts at zero
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+    compared = 0
+    for name, tensor in original.items():
+        candidates = [k for k in base if k.endswith(name.split("model.", 1)[-1]) and base[k].shape == tensor.shape]
+        assert candidates, name
+        assert torch.equal(base[candidates[0]], tensor), name
+        compared += 1
+    assert compared == len(original)
+
+
+def test_lora_targets_only_the_language_model(trained):
+    trainer, _ = trained
+    adapted = {n for n, _ in trainer.model.named_parameters() if "lora_" in n}
+    assert adapted and all(".language_model." in n for n in adapted)
+    for suffix in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(f".{suffix}.lora_A" in n for n in adapted), suffix
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable == adapted
+
+
+def test_saved_adapter_reloads_with_identical_logits(trained, assets):
+    trainer, output_dir = trained
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(4)])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(**inputs).logits
+        base = AutoModelForImageTextToText.from_pretrained(assets["model"])
+        reloaded = PeftModel.from_pretrained(base, str(output_dir)).eval()
+        actual = reloaded(**inputs).logits
+    assert torch.allclose(actual, expected, atol=1e-5)
+    assert AutoProcessor.from_pretrained(str(output_dir)).chat_template
+
+
+def test_training_lowers_eval_loss_on_the_same_eval_set(trained, assets, tmp_path):
+    _, output_dir = trained
+    after = json.loads((output_dir / "eval_results.json").read_text())["eval_loss"]
+    rlv.main(train_argv(assets, tmp_path, "--do_eval"))  # the untouched model: LoRA starts as identity
+    before = json.loads((tmp_path / "eval_results.json").read_text())["eval_loss"]
+    assert after < before - 0.5, (before, after)
+
+
+def test_seed_command_flags_parse_and_gaudi_flags_fail_clearly_without_gaudi():
+    with pytest.raises(ValueError) as error:
+        rlv.parse_args(SEED_SINGLE_CARD + ["--report_to", "tensorboard", "--logging_steps", "50", "--save_steps", "50"])
+    message = str(error.value)
+    assert "--use_habana" in message and "--use_lazy_mode" in message and "--gaudi_config_name" in message
+    assert "Habana" in message and "drop these flags" in message
+
+
+def test_the_same_flags_without_gaudi_ones_parse_into_stock_training_arguments():
+    gaudi_only = {"--use_habana", "--use_lazy_mode", "--gaudi_config_name", "Habana/gpt2"}
+    argv = [a for a in SEED_SINGLE_CARD if a not in gaudi_only] + ["--use_cpu"]  # transformers wants it for CPU bf16
+    model_args, data_args, lora_args, training_args = rlv.parse_args(argv)
+    assert type(training_args).__name__ == "TrainingArguments"
+    assert (model_args.model_name_or_path, data_args.max_train_samples, lora_args.lora_rank) == ("google/gemma-3-12b-it", 128, 16)
+    assert training_args.bf16 and training_args.gradient_checkpointing
+
+
+def test_gaudi_flag_fails_before_any_model_loading_from_the_command_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run_lora_vlm.py"), *SEED_SINGLE_CARD[:4], "--output_dir", str(tmp_path), "--use_habana"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "--use_habana need Intel Gaudi" in result.stderr
+    assert "unrecognized arguments" not in result.stderr
+
+
+def test_one_json_file_replaces_the_flags(assets, tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({
+        "model_name_or_path": assets["model"], "dataset_name": assets["dataset"], "output_dir": str(tmp_path / "out"),
+        "lora_rank": 4, "lora_target_modules": ["q_proj", "v_proj"], "do_eval": True, "max_eval_samples": 4,
+        "report_to": "none",
+    }))
+    rlv.main([str(config)])
+    adapter_config = json.loads((tmp_path / "out" / "adapter_config.json").read_text()) if (tmp_path / "out" / "adapter_config.json").exists() else None
+    results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert results["eval_samples"] == 4 and math.isfinite(results["eval_loss"])
+    assert adapter_config is None  # evaluation only: nothing trained, nothing saved
+
+
+def test_non_empty_output_dir_without_checkpoint_is_refused(assets, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="--overwrite_output_dir"):
+        rlv.main(train_argv(assets, tmp_path, "--do_train"))
+
+
+def test_rerunning_resumes_from_the_last_checkpoint(assets, tmp_path):
+    argv = train_argv(assets, tmp_path, "--do_train", "--max_train_samples", "16", "--per_device_train_batch_size", "2",
+                      "--save_strategy", "steps", "--save_steps", "2")
+    first = rlv.main(argv + ["--max_steps", "4"])
+    assert first.state.global_step == 4 and (tmp_path / "checkpoint-4").is_dir()
+    second = rlv.main(argv + ["--max_steps", "6"])
+    assert second.state.global_step == 6
+    steps_logged = [entry["step"] for entry in second.state.log_history if "loss" in entry]
+    assert steps_logged[:2] == [1, 2] and 5 in steps_logged  # the history continues the first run's
+
+
+def test_max_samples_cut_first_or_seeded_random(assets, tmp_path):
+    splits_first = prepare(assets, "--max_train_samples", "5", "--max_eval_samples", "3")
+    assert splits_first["train"].row_indices.tolist() == [0, 1, 2, 3, 4]
+    assert splits_first["eval"].row_indices.tolist() == [0, 1, 2] and splits_first["eval"].split == "val"
+    random_a = prepare(assets, "--max_train_samples", "5", "--sample_selection", "random")["train"].row_indices
+    random_b = prepare(assets, "--max_train_samples", "5", "--sample_selection", "random")["train"].row_indices
+    assert random_a.tolist() == random_b.tolist() != [0, 1, 2, 3, 4]
+
+
+def test_validation_is_carved_from_train_when_missing_and_is_seeded(assets, tmp_path):
+    import datasets
+
+    only_train = tmp_path / "only_train"
+    datasets.load_from_disk(assets["dataset"])["train"].save_to_disk(str(only_train))
+    a = prepare(assets, "--validation_split_percentage", "25", dataset=str(only_train))
+    b = prepare(assets, "--validation_split_percentage", "25", dataset=str(only_train))
+    assert len(a["eval"]) == 16 and len(a["train"]) == 48
+    assert set(a["eval"].row_indices).isdisjoint(a["train"].row_indices)
+    assert a["eval"].row_indices.tolist() == b["eval"].row_indices.tolist()
+
+
+def prepare(assets, *flags, dataset=None):
+    _, data_args, _, training_args = rlv.parse_args(
+        ["--model_name_or_path", assets["model"], "--dataset_name", dataset or assets["dataset"],
+         "--output_dir", "unused", "--do_train", "--do_eval", *flags]
+    )
+    raw, _ = rlv.load_raw_datasets(data_args, None)
+    return rlv.prepare_splits(raw, data_args, training_args)
