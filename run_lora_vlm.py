@@ -252,17 +252,24 @@ def parse_args(argv: Optional[list[str]] = None):
     """Parse flags (or one JSON file) into (model, data, lora, training) arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
     json_file = os.path.abspath(argv[0]) if len(argv) == 1 and argv[0].endswith(".json") else None
-    if not gaudi_stack_available():
-        # Checked first, so that a Gaudi command line gets this message rather than a later, vaguer one.
+    on_gaudi_stack = gaudi_stack_available()
+    if not on_gaudi_stack:
+        # Checked before the training arguments are built, so a Gaudi command line gets this message
+        # rather than a later, vaguer one (e.g. about --bf16 on a CPU).
         refuse_gaudi_flags(argv, json_file)
-    parser = HfArgumentParser([ModelArguments, DataArguments, LoraArguments, training_arguments_class()])
+    dataclass_types = [ModelArguments, DataArguments, LoraArguments, training_arguments_class()]
+    if not on_gaudi_stack:
+        dataclass_types.append(GaudiOnlyArguments)  # listed in --help; left at their defaults by now
+    parser = HfArgumentParser(dataclass_types)
     if json_file is not None:
-        return parser.parse_json_file(json_file=json_file, allow_extra_keys=not gaudi_stack_available())
-    return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parser.parse_json_file(json_file=json_file)
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    return tuple(parsed[:4])
 
 
 def refuse_gaudi_flags(argv: list[str], json_file: Optional[str]) -> None:
-    gaudi_parser = HfArgumentParser(GaudiOnlyArguments)
+    gaudi_parser = HfArgumentParser(GaudiOnlyArguments, add_help=False, allow_abbrev=False)
     if json_file is not None:
         (gaudi_args,) = gaudi_parser.parse_json_file(json_file=json_file, allow_extra_keys=True)
     else:
@@ -629,14 +636,21 @@ def open_image(value: Any, base_dir: Optional[Path]) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB for any PIL mode: transparency composited on white, 16/32-bit grey scaled down rather than clipped."""
-    if image.mode == "RGB":
+    # Transparency also hides in a palette with alpha and in a PNG colour key ("transparency" in info, which
+    # L and even RGB images may carry); a plain convert("RGB") would show what is under it, often black.
+    transparent = (
+        image.mode in ("RGBA", "RGBa", "LA", "La", "PA")
+        or "transparency" in image.info
+        or (image.mode == "P" and image.palette is not None and image.palette.mode == "RGBA")
+    )
+    if image.mode == "RGB" and not transparent:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         pixels = np.asarray(image, dtype=np.float64)
         full_scale = 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
         grey = np.clip(pixels / full_scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if transparent:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
