@@ -156,12 +156,25 @@ class DataArguments:
             "choices": ["first", "random"],
         },
     )
-    max_seq_length: Optional[int] = field(
-        default=None,
+    max_seq_length: int = field(
+        default=1024,
         metadata={
             "help": "Longest sequence in tokens (image tokens included). Longer rows have their last answer cut "
             "at the tail when that keeps part of it, else they are invalid ('too_long')."
         },
+    )
+    padding_strategy: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Batch length: 'longest' row of the batch, always 'max_length' (--max_seq_length), or the "
+            "smallest of --length_buckets that fits ('bucket'). Default: 'bucket' in Gaudi lazy mode, where "
+            "every new shape compiles a new graph, else 'longest'.",
+            "choices": ["longest", "max_length", "bucket"],
+        },
+    )
+    length_buckets: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "Lengths for --padding_strategy bucket. Default: 1/4, 1/2, 3/4 and all of --max_seq_length."},
     )
     invalid_rows: str = field(
         default="error",
@@ -181,6 +194,14 @@ class DataArguments:
             value = getattr(self, flag)
             if value is not None and value <= 0:
                 raise ValueError(f"--{flag} must be a positive integer, got {value}.")
+        if self.length_buckets is None:
+            self.length_buckets = sorted({-(-self.max_seq_length * k // 4) for k in (1, 2, 3, 4)})
+        self.length_buckets = sorted(self.length_buckets)
+        if self.length_buckets[0] <= 0 or self.length_buckets[-1] != self.max_seq_length:
+            raise ValueError(
+                f"--length_buckets {self.length_buckets}: lengths must be positive and the largest must equal "
+                f"--max_seq_length {self.max_seq_length}."
+            )
 
 
 @dataclass
@@ -780,6 +801,7 @@ class VisionChatCollator:
         data_args: DataArguments,
         image_base_dir: Optional[Path] = None,
         skipped_rows: Optional[SkippedRows] = None,
+        extra_model_inputs: Optional[dict] = None,
     ):
         self.processor = processor
         self.family = family
@@ -787,6 +809,8 @@ class VisionChatCollator:
         self.data_args = data_args
         self.image_base_dir = image_base_dir
         self.skipped_rows = skipped_rows or SkippedRows(None)
+        # Forward keyword arguments the trainer passes on with every batch (Gemma 3's HPU attention options).
+        self.extra_model_inputs = extra_model_inputs or {}
         self.placeholder = family.image_placeholder(processor)
         self.placeholder_growth = len(family.expanded_image_text(processor)) - len(self.placeholder)
         self.pad_token_id = processor.tokenizer.pad_token_id
@@ -818,7 +842,7 @@ class VisionChatCollator:
             except InvalidRowError as e:
                 self.reject(feature, e)
         rows, pixel_values = self.encode(prepared)
-        return self.pad(rows, pixel_values)
+        return self.pad(rows, pixel_values, len(features))
 
     def encode(self, prepared: list) -> tuple[list[EncodedRow], Any]:
         """One processor call for the batch, then per-row labels and length policy."""
@@ -864,7 +888,7 @@ class VisionChatCollator:
         if len(trained_positions) == 0:
             raise InvalidRowError("no_trained_tokens", "no assistant token survived tokenization")
         limit = self.data_args.max_seq_length
-        if limit is None or len(row.input_ids) <= limit:
+        if len(row.input_ids) <= limit:
             return row
         # Answers are contiguous runs of trained tokens; the last run is the only one that may be cut.
         gaps = np.flatnonzero(np.diff(trained_positions) > 1)
@@ -883,11 +907,16 @@ class VisionChatCollator:
         )
 
     def padded_length(self, longest: int) -> int:
+        strategy = self.data_args.padding_strategy or "longest"
+        if strategy == "max_length":
+            return self.data_args.max_seq_length
+        if strategy == "bucket":
+            return next(length for length in self.data_args.length_buckets if length >= longest)
         return longest
 
-    def pad(self, rows: list[EncodedRow], pixel_values) -> dict:
+    def pad(self, rows: list[EncodedRow], pixel_values, batch_size: int) -> dict:
         if not rows:
-            return self.empty_batch()
+            rows = [self.untrained_row()] * batch_size
         length = self.padded_length(max(len(r.input_ids) for r in rows))
         batch = {
             "input_ids": torch.full((len(rows), length), self.pad_token_id, dtype=torch.long),
@@ -908,23 +937,21 @@ class VisionChatCollator:
             kept_images.extend(range(row.image_slice.start, row.image_slice.stop))
         if kept_images:
             batch["pixel_values"] = torch.as_tensor(np.stack([pixel_values[j] for j in kept_images]))
-        return batch
+        return {**batch, **self.extra_model_inputs}
 
-    def empty_batch(self) -> dict:
-        """Stand-in for a batch whose rows were all skipped: one <bos>, nothing trained, so zero gradient.
+    def untrained_row(self) -> EncodedRow:
+        """Stand-in for the rows of a batch that were all skipped: one <bos>, nothing trained, zero gradient.
 
-        Returning nothing would crash the trainer, and on several ranks a rank that skipped its step would
+        Returning no batch would crash the trainer, and on several ranks a rank that skipped its step would
         leave the others waiting in the gradient all-reduce.
         """
-        bos = self.processor.tokenizer.bos_token_id
-        batch = {
-            "input_ids": torch.tensor([[bos]], dtype=torch.long),
-            "attention_mask": torch.ones((1, 1), dtype=torch.long),
-            "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
-        }
-        if "token_type_ids" in self.processor.model_input_names:
-            batch["token_type_ids"] = torch.zeros((1, 1), dtype=torch.long)
-        return batch
+        with_token_types = "token_type_ids" in self.processor.model_input_names
+        return EncodedRow(
+            np.array([self.processor.tokenizer.bos_token_id]),
+            np.array([IGNORE_INDEX]),
+            np.zeros(1, dtype=np.int64) if with_token_types else None,
+            slice(0, 0),
+        )
 
 
 def format_trained_tokens(tokenizer, input_ids, labels) -> str:
@@ -967,6 +994,26 @@ def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> to
     else:
         num_items_in_batch = max(int(num_items_in_batch), 1)
     return loss_sum / num_items_in_batch
+
+
+class BatchShapeCounter(transformers.TrainerCallback):
+    """Counts the distinct training batch shapes of each epoch: on Gaudi lazy mode each one is a graph compile.
+
+    Counted where the loss is computed, in the training process itself, so dataloader workers do not hide it.
+    """
+
+    def __init__(self):
+        self.shapes = collections.Counter()
+
+    def loss(self, outputs, labels, num_items_in_batch=None):
+        if torch.is_grad_enabled():  # evaluation runs without gradients and is not counted
+            self.shapes[tuple(labels.shape)] += 1
+        return causal_lm_loss(outputs, labels, num_items_in_batch)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        shapes = ", ".join(f"{b}x{n}: {count}" for (b, n), count in sorted(self.shapes.items()))
+        logger.info(f"Epoch {state.epoch:.2f}: {len(self.shapes)} distinct training batch shapes ({shapes})")
+        self.shapes.clear()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1099,6 +1146,7 @@ def prepare_training_arguments(training_args) -> None:
 
 
 def build_trainer(model, training_args, model_args, processor, splits, collator):
+    shape_counter = BatchShapeCounter()
     common = dict(
         model=model,
         args=training_args,
@@ -1106,7 +1154,8 @@ def build_trainer(model, training_args, model_args, processor, splits, collator)
         eval_dataset=splits.get("eval"),
         data_collator=collator,
         processing_class=processor,
-        compute_loss_func=causal_lm_loss,
+        compute_loss_func=shape_counter.loss,
+        callbacks=[shape_counter],
     )
     if not getattr(training_args, "use_habana", False) and not gaudi_stack_available():
         return Trainer(**common)

@@ -132,7 +132,9 @@ def test_skipped_rows_are_recorded_and_an_all_skipped_batch_trains_nothing(proce
     collator = make_collator(processor, invalid_rows="skip")
     collator.skipped_rows = rlv.SkippedRows(str(tmp_path))
     batch = collator([feature({"image": RED, "question": "Q?", "answer": "  "}, 3), feature({"image": None, "question": "Q?", "answer": "a"}, 4)])
-    assert batch["labels"].tolist() == [[-100]] and batch["input_ids"].tolist() == [[processor.tokenizer.bos_token_id]]
+    # As many rows as asked for, so a static batch shape holds, each a lone <bos> with nothing trained.
+    assert batch["labels"].tolist() == [[-100], [-100]]
+    assert batch["input_ids"].tolist() == [[processor.tokenizer.bos_token_id]] * 2
     report = collator.skipped_rows.write_report(str(tmp_path))
     assert report == {"skipped": {"empty_answer": 1, "image_missing": 1}, "truncated": {}}
     model = AutoModelForImageTextToText.from_pretrained(assets["model"])
