@@ -1,0 +1,55 @@
+# Licensed under the Apache License, Version 2.0 (the "License").
+"""The training script as one of N real Open MPI ranks, launched by gaudi_spawn.py on CPU (gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, TESTS_DIR, train_argv
+
+def spawn(assets, output_dir, record_dir, world_size, *flags):
+    command = [
+        sys.executable, str(REPO_ROOT / "gaudi_spawn.py"), "--world_size", str(world_size), "--use_mpi",
+        str(TESTS_DIR / "record_rows_main.py"), "--record_dir", str(record_dir),
+        *train_argv(assets, output_dir, *flags),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [json.loads((record_dir / f"rank{r}.json").read_text()) for r in range(world_size)], result
+
+
+def test_two_mpi_ranks_share_each_epoch_exactly_once_and_agree(assets, tmp_path):
+    ranks, result = spawn(
+        assets, tmp_path / "out", tmp_path / "record", 2,
+        "--do_train", "--do_eval", "--max_train_samples", "12", "--max_eval_samples", "6",
+        "--per_device_train_batch_size", "2", "--num_train_epochs", "2",
+    )
+    assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
+    assert [r["env_rank"] for r in ranks] == ["0", "1"]
+    # The first collator call is the logged sample (rank 0 only); then every epoch of 12 rows.
+    train_rows = [[tuple(x) for x in r["rows_seen"] if x[0] == "train"] for r in ranks]
+    train_rows[0] = train_rows[0][1:]
+    for epoch in range(2):
+        per_epoch = [rows[epoch * 6:(epoch + 1) * 6] for rows in train_rows]
+        assert sorted(per_epoch[0] + per_epoch[1]) == [("train", i) for i in range(12)], per_epoch
+    assert ranks[0]["eval"]["eval_loss"] == ranks[1]["eval"]["eval_loss"]
+    assert ranks[0]["lora"] == ranks[1]["lora"]
+    output = tmp_path / "out"
+    assert (output / "adapter_model.safetensors").is_file()
+    assert json.loads((output / "all_results.json").read_text())["eval_loss"] == ranks[0]["eval"]["eval_loss"]
+    assert "effective batch size 4" in result.stdout
+
+
+def test_two_ranks_of_batch_one_train_like_one_rank_of_batch_two(assets, tmp_path):
+    flags = ("--do_train", "--max_train_samples", "8", "--max_steps", "3", "--lora_dropout", "0",
+             "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--max_grad_norm", "0")
+    two, _ = spawn(assets, tmp_path / "two", tmp_path / "record_two", 2, *flags, "--per_device_train_batch_size", "1")
+    one, _ = spawn(assets, tmp_path / "one", tmp_path / "record_one", 1, *flags, "--per_device_train_batch_size", "2")
+    assert two[0]["losses"] == pytest.approx(one[0]["losses"], rel=1e-4)
+    for name, values in one[0]["lora"].items():
+        # Float32 all-reduce sums in another order than one local batch: equal up to rounding.
+        assert two[0]["lora"][name] == pytest.approx(values, rel=1e-3, abs=1e-5), name
