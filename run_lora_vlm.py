@@ -93,14 +93,9 @@ class ModelArguments:
             "choices": ["auto", "bfloat16", "float16", "float32"],
         },
     )
-    attn_implementation: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "Attention kernel passed to from_pretrained (default: the model's own choice).",
-            "choices": ["eager", "sdpa", "flash_attention_2"],
-        },
-    )
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Where downloaded models and data are cached."})
+    # Filled from --attn_implementation, which GaudiTrainingArguments owns on Gaudi (AttentionArguments elsewhere).
+    attn_implementation: Optional[str] = field(default=None, init=False)
     model_revision: str = field(default="main", metadata={"help": "Model branch, tag or commit to load."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the Hub."})
 
@@ -225,6 +220,20 @@ class LoraArguments:
 
 
 @dataclass
+class AttentionArguments:
+    """--attn_implementation where Habana's stack is absent; on Gaudi, GaudiTrainingArguments has the flag."""
+
+    attn_implementation: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Attention kernel (default: the model's own choice). On Gaudi, gaudi_fused_sdpa uses "
+            "Habana's fused scaled-dot-product attention.",
+            "choices": ["eager", "sdpa", "flash_attention_2", "gaudi_fused_sdpa"],
+        },
+    )
+
+
+@dataclass
 class GaudiOnlyArguments:
     """Flags of GaudiTrainingArguments, parsed where Habana's stack is absent so they can be refused clearly."""
 
@@ -240,6 +249,13 @@ class GaudiOnlyArguments:
     distribution_strategy: str = field(
         default="ddp", metadata={"help": "Gaudi: data-parallel strategy.", "choices": ["ddp", "fast_ddp"]}
     )
+    flash_attention_recompute: bool = field(
+        default=False, metadata={"help": "Gaudi: recompute fused attention in backward (saves memory)."}
+    )
+    flash_attention_causal_mask: bool = field(
+        default=False, metadata={"help": "Gaudi: fused attention builds the causal mask itself (right padding)."}
+    )
+    flash_attention_fast_softmax: bool = field(default=False, metadata={"help": "Gaudi: fast softmax in fused attention."})
 
     def flags_set(self) -> list[str]:
         defaults = GaudiOnlyArguments()
@@ -280,22 +296,62 @@ def parse_args(argv: Optional[list[str]] = None):
         refuse_gaudi_flags(argv, json_file)
     dataclass_types = [ModelArguments, DataArguments, LoraArguments, training_arguments_class()]
     if not on_gaudi_stack:
-        dataclass_types.append(GaudiOnlyArguments)  # listed in --help; left at their defaults by now
+        # Listed in --help; the Gaudi-only ones are at their defaults by now.
+        dataclass_types += [AttentionArguments, GaudiOnlyArguments]
     parser = HfArgumentParser(dataclass_types)
     if json_file is not None:
         parsed = parser.parse_json_file(json_file=json_file)
     else:
         parsed = parser.parse_args_into_dataclasses(args=argv)
-    return tuple(parsed[:4])
+    model_args, data_args, lora_args, training_args = parsed[:4]
+    model_args.attn_implementation = getattr(parsed[4] if len(parsed) > 4 else training_args, "attn_implementation")
+    if getattr(training_args, "use_habana", False):
+        settle_execution_mode(training_args, lazy_flag_given=lazy_mode_flag_given(argv, json_file))
+    if data_args.padding_strategy is None:
+        # Gaudi lazy mode compiles a graph per input shape; a few fixed lengths keep that bounded.
+        static = getattr(training_args, "use_habana", False) and training_args.use_lazy_mode
+        data_args.padding_strategy = "bucket" if static else "longest"
+    return model_args, data_args, lora_args, training_args
+
+
+def lazy_mode_flag_given(argv: list[str], json_file: Optional[str]) -> bool:
+    if json_file is not None:
+        with open(json_file) as f:
+            return "use_lazy_mode" in json.load(f)
+    return any(arg == "--use_lazy_mode" or arg.startswith("--use_lazy_mode=") for arg in argv)
+
+
+def settle_execution_mode(training_args, lazy_flag_given: bool) -> None:
+    """Make --use_lazy_mode agree with PT_HPU_LAZY_MODE, which Habana's bridge reads when it is imported.
+
+    GaudiTrainingArguments turns lazy mode on by default; without the flag, the environment decides.
+    """
+    env_value = os.environ.get("PT_HPU_LAZY_MODE")
+    if env_value not in ("0", "1"):
+        raise ValueError(
+            f"PT_HPU_LAZY_MODE is {'unset' if env_value is None else repr(env_value)}: set PT_HPU_LAZY_MODE=1 "
+            "(lazy mode, with --use_lazy_mode) or PT_HPU_LAZY_MODE=0 (eager mode) before the command."
+        )
+    lazy_env = env_value == "1"
+    if not lazy_flag_given:
+        training_args.use_lazy_mode = lazy_env
+    elif training_args.use_lazy_mode != lazy_env:
+        fix = "drop --use_lazy_mode" if training_args.use_lazy_mode else "add --use_lazy_mode"
+        raise ValueError(
+            f"PT_HPU_LAZY_MODE={env_value} asks for {'lazy' if lazy_env else 'eager'} mode but --use_lazy_mode is "
+            f"{training_args.use_lazy_mode}: {fix}, or set PT_HPU_LAZY_MODE={int(not lazy_env)}."
+        )
 
 
 def refuse_gaudi_flags(argv: list[str], json_file: Optional[str]) -> None:
-    gaudi_parser = HfArgumentParser(GaudiOnlyArguments, add_help=False, allow_abbrev=False)
+    gaudi_parser = HfArgumentParser([GaudiOnlyArguments, AttentionArguments], add_help=False, allow_abbrev=False)
     if json_file is not None:
-        (gaudi_args,) = gaudi_parser.parse_json_file(json_file=json_file, allow_extra_keys=True)
+        gaudi_args, attention_args = gaudi_parser.parse_json_file(json_file=json_file, allow_extra_keys=True)
     else:
-        gaudi_args, _ = gaudi_parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        gaudi_args, attention_args, _ = gaudi_parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     gaudi_flags = gaudi_args.flags_set()
+    if attention_args.attn_implementation == "gaudi_fused_sdpa":
+        gaudi_flags.append("--attn_implementation gaudi_fused_sdpa")
     if gaudi_flags:
         raise ValueError(
             f"{', '.join(gaudi_flags)} need Intel Gaudi, but Habana's software stack (habana_frameworks and "
@@ -346,6 +402,9 @@ def model_family(model_type: str) -> ModelFamily:
 
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 EVAL_SPLIT_NAMES = ("validation", "val", "valid", "dev")
+# A data file's split: "train", "test" or an EVAL_SPLIT_NAMES entry, then ".", "-" or "_" (train.jsonl, val_2.json,
+# test-00000-of-00002.parquet).
+SPLIT_FILE_NAME = re.compile(r"^(train|test|validation|valid|val|dev)(?=[-_.])")
 
 
 def load_raw_datasets(data_args: DataArguments, cache_dir: Optional[str]) -> tuple[datasets.DatasetDict, Optional[Path]]:
@@ -362,7 +421,10 @@ def load_raw_datasets(data_args: DataArguments, cache_dir: Optional[str]) -> tup
             raise ValueError(f"--dataset_name {path}: unsupported file type; use one of {sorted(DATA_FILE_BUILDERS)}.")
         return datasets.load_dataset(builder, data_files={"train": str(path)}, cache_dir=cache_dir), path.parent
     if path.is_dir():
-        data_files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_FILE_BUILDERS)
+        # metadata.jsonl/csv/parquet describe the images of an image folder; they are not the data itself.
+        data_files = sorted(
+            p for p in path.iterdir() if p.suffix.lower() in DATA_FILE_BUILDERS and p.stem != "metadata"
+        )
         if data_files:
             return load_split_files(data_files, cache_dir), path
         return datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir), path
@@ -370,24 +432,43 @@ def load_raw_datasets(data_args: DataArguments, cache_dir: Optional[str]) -> tup
 
 
 def load_split_files(data_files: list[Path], cache_dir: Optional[str]) -> datasets.DatasetDict:
-    """Files named after a split (train.jsonl, val.jsonl, ...) become that split; anything else is train."""
+    """Files named after a split (train.jsonl, val.jsonl, test-00000-of-00001.jsonl, ...) become that split;
+    anything else is train."""
     builders = {DATA_FILE_BUILDERS[p.suffix.lower()] for p in data_files}
     if len(builders) > 1:
         raise ValueError(f"Mixed data file types in one folder: {[p.name for p in data_files]}; keep one type.")
     splits = collections.defaultdict(list)
     for data_file in data_files:
-        stem = data_file.name.split(".")[0]
-        splits[stem if stem in ("train", "test", *EVAL_SPLIT_NAMES) else "train"].append(str(data_file))
+        # The split name may be followed by a shard suffix, as in train-00000-of-00004.parquet.
+        named = SPLIT_FILE_NAME.match(data_file.name)
+        splits[named.group(1) if named else "train"].append(str(data_file))
     return datasets.load_dataset(builders.pop(), data_files=dict(splits), cache_dir=cache_dir)
+
+
+# Every list feature an image column may use; List and LargeList do not exist in every datasets release.
+LIST_FEATURES = tuple(getattr(datasets, name) for name in ("Sequence", "List", "LargeList") if hasattr(datasets, name))
 
 
 def undecoded(feature):
     """The same feature with image decoding switched off, so that bad images fail per row, not per batch."""
     if isinstance(feature, datasets.Image):
-        return datasets.Image(decode=False)
-    if isinstance(feature, (datasets.Sequence, datasets.List)) and isinstance(feature.feature, datasets.Image):
-        return type(feature)(datasets.Image(decode=False))
+        return dataclasses.replace(feature, decode=False)
+    if isinstance(feature, LIST_FEATURES) and isinstance(feature.feature, datasets.Image):
+        # replace() keeps the list's own settings, such as a fixed length.
+        return dataclasses.replace(feature, feature=dataclasses.replace(feature.feature, decode=False))
     return feature
+
+
+def without_image_decoding(dataset: datasets.Dataset) -> datasets.Dataset:
+    """The split with decoding switched off on its image columns (see `undecoded`).
+
+    Column by column: on an Image column cast_column only swaps the feature, whereas Dataset.cast copies every
+    row of every column into a cache file beside the data, a full copy of a large dataset at start-up.
+    """
+    for column, feature in dataset.features.items():
+        if undecoded(feature) != feature:
+            dataset = dataset.cast_column(column, undecoded(feature))
+    return dataset
 
 
 class IndexedRows(torch.utils.data.Dataset):
@@ -433,7 +514,7 @@ def prepare_splits(raw: datasets.DatasetDict, data_args: DataArguments, training
             "set --train_split."
         )
     for name in raw:
-        raw[name] = raw[name].cast(datasets.Features({k: undecoded(v) for k, v in raw[name].features.items()}))
+        raw[name] = without_image_decoding(raw[name])
     splits = {}
     eval_name = pick_eval_split(raw, data_args)
     train_rows = np.arange(len(raw[data_args.train_split])) if data_args.train_split in raw else None
@@ -533,10 +614,14 @@ def detect_schema(columns: list[str], data_args: DataArguments) -> DatasetSchema
 
 def choose_answer(value: Any) -> tuple[str, list[str]]:
     """Return (training target, all gold answers): the most frequent answer, ties going to the first one."""
+    if isinstance(value, dict) and isinstance(value.get("answer"), (list, tuple)):
+        # A Sequence of {"answer", ...} structs (VQAv2 on the Hub) is read back as a dict of lists.
+        value = value["answer"]
     if isinstance(value, str):
         answers = [value]
     elif isinstance(value, (list, tuple)):
-        answers = [a["answer"] if isinstance(a, dict) else a for a in value]
+        # .get: a dict without "answer" is a bad row (non_string_answer below), not a crash.
+        answers = [a.get("answer") if isinstance(a, dict) else a for a in value]
     else:
         raise InvalidRowError("non_string_answer", f"answer is {type(value).__name__}, expected text")
     if not all(isinstance(a, str) for a in answers):
@@ -579,10 +664,16 @@ def conversation_turn(message: Any, image_placeholder: str) -> dict:
                 parts.append({"type": "image"})
             if piece.strip():
                 parts.append(text_part(piece.strip()))
-    elif isinstance(content, list):
-        parts = [{"type": "image"} if part.get("type") == "image" else text_part(str(part.get("text", "")).strip()) for part in content]
+    elif isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        # Arrow gives every part every key of the column, so a part's "text" may be None: that is no text.
+        parts = [
+            {"type": "image"} if part.get("type") == "image" else text_part(str(part.get("text") or "").strip())
+            for part in content
+        ]
     else:
-        raise InvalidRowError("bad_conversation", f"{role} message content is {type(content).__name__}")
+        raise InvalidRowError(
+            "bad_conversation", f"{role} message content must be text or a list of part dicts, got {content!r:.100}"
+        )
     return {"role": role, "content": parts}
 
 
@@ -617,10 +708,11 @@ def check_conversation(messages: list[dict], num_images: int) -> None:
     placeholders = sum(part["type"] == "image" for m in messages for part in m["content"])
     if placeholders != num_images:
         raise InvalidRowError("image_count_mismatch", f"{placeholders} image placeholders but {num_images} images")
-    assistant_texts = [p for m in messages if m["role"] == "assistant" for p in m["content"]]
-    if not assistant_texts:
+    assistant_turns = [m["content"] for m in messages if m["role"] == "assistant"]
+    if not assistant_turns:
         raise InvalidRowError("no_assistant_turn", "the conversation has no assistant message")
-    if any(p["type"] != "text" or not p["text"] for p in assistant_texts):
+    # Checked per turn: an empty turn next to a good one would otherwise train an empty answer.
+    if any(not parts or any(p["type"] != "text" or not p["text"] for p in parts) for parts in assistant_turns):
         raise InvalidRowError("empty_answer", "an assistant message is empty or holds an image")
 
 
@@ -649,7 +741,9 @@ def open_image(value: Any, base_dir: Optional[Path]) -> Image.Image:
             raise InvalidRowError("image_missing", f"no image in the row (got {type(value).__name__})")
         image.load()
         return to_rgb(ImageOps.exif_transpose(image))
-    except (OSError, SyntaxError, ValueError) as e:
+    # DecompressionBombError (an image past Pillow's pixel limit) is no OSError; without it here one giant image
+    # would end the run even with --invalid_rows skip.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         if isinstance(e, InvalidRowError):
             raise
         raise InvalidRowError("image_unreadable", f"cannot decode image: {e}") from e
@@ -1034,7 +1128,8 @@ def load_model(model_args: ModelArguments, training_args, config):
         model_args.model_name_or_path,
         config=config,
         torch_dtype=resolve_dtype(model_args, training_args),
-        attn_implementation=model_args.attn_implementation,
+        # Gaudi's fused attention is switched on per forward call (see hpu_model_inputs), not at load time.
+        attn_implementation="eager" if model_args.attn_implementation == "gaudi_fused_sdpa" else model_args.attn_implementation,
         cache_dir=model_args.cache_dir,
         revision=model_args.model_revision,
         trust_remote_code=model_args.trust_remote_code,
@@ -1145,6 +1240,42 @@ def prepare_training_arguments(training_args) -> None:
     training_args.prediction_loss_only = True
 
 
+def hpu_model_inputs(training_args) -> dict:
+    """Gemma 3's HPU forward options, sent with every batch; only when training on Gaudi.
+
+    optimum-habana's Gemma 3 port takes them as forward arguments and GaudiTrainer does not pass them.
+    The causal-mask variant of fused attention ignores the attention mask, which is safe here because the
+    collator always pads on the right.
+    """
+    if not getattr(training_args, "use_habana", False):
+        return {}
+    return {
+        "use_flash_attention": training_args.attn_implementation == "gaudi_fused_sdpa",
+        "flash_attention_recompute": training_args.flash_attention_recompute,
+        "flash_attention_causal_mask": training_args.flash_attention_causal_mask,
+        "flash_attention_fast_softmax": training_args.flash_attention_fast_softmax,
+        # The port marks lazy-mode steps unless told otherwise, even in eager mode.
+        "lazy_mode": training_args.use_lazy_mode,
+    }
+
+
+def gaudi_trainer_class():
+    from optimum.habana import GaudiTrainer
+
+    class TokenCountingGaudiTrainer(GaudiTrainer):
+        """GaudiTrainer whose trained-token count for the accumulation window works with unequal lengths.
+
+        GaudiTrainer concatenates the window's labels to count them; when micro-batches differ in length
+        (bucket or longest padding) that fails silently and the loss is then not normalized over the window.
+        The stock Trainer sums per micro-batch instead.
+        """
+
+        def get_batch_samples_transformers(self, epoch_iterator, num_batches, device):
+            return Trainer.get_batch_samples(self, epoch_iterator, num_batches, device)
+
+    return TokenCountingGaudiTrainer
+
+
 def build_trainer(model, training_args, model_args, processor, splits, collator):
     shape_counter = BatchShapeCounter()
     common = dict(
@@ -1157,9 +1288,9 @@ def build_trainer(model, training_args, model_args, processor, splits, collator)
         compute_loss_func=shape_counter.loss,
         callbacks=[shape_counter],
     )
-    if not getattr(training_args, "use_habana", False) and not gaudi_stack_available():
+    if not gaudi_stack_available():
         return Trainer(**common)
-    from optimum.habana import GaudiConfig, GaudiTrainer
+    from optimum.habana import GaudiConfig
 
     if training_args.gaudi_config_name:
         gaudi_config = GaudiConfig.from_pretrained(
@@ -1167,7 +1298,7 @@ def build_trainer(model, training_args, model_args, processor, splits, collator)
         )
     else:
         gaudi_config = GaudiConfig()
-    return GaudiTrainer(gaudi_config=gaudi_config, **common)
+    return gaudi_trainer_class()(gaudi_config=gaudi_config, **common)
 
 
 def log_trained_sample(collator: VisionChatCollator, splits: dict) -> None:
@@ -1201,9 +1332,28 @@ def add_perplexity(metrics: dict, prefix: str = "eval") -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
+def export_mpi_rank_environment() -> None:
+    """Under mpirun, expose the rank in the variables torch.distributed and accelerate read (as torchrun does).
+
+    Without LOCAL_RANK, accelerate does not take the multi-HPU (HCCL) path on Gaudi.
+    """
+    mpi_names = {
+        "RANK": "OMPI_COMM_WORLD_RANK",
+        "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE",
+        "LOCAL_RANK": "OMPI_COMM_WORLD_LOCAL_RANK",
+        "LOCAL_WORLD_SIZE": "OMPI_COMM_WORLD_LOCAL_SIZE",
+    }
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" not in os.environ:
+        return
+    for name, mpi_name in mpi_names.items():
+        if mpi_name in os.environ:
+            os.environ[name] = os.environ[mpi_name]
+
+
 def main(argv: Optional[list[str]] = None):
     """Run the pipeline; returns the trainer (its model holds the trained adapter) for callers and tests."""
     # Parse: on Gaudi this builds GaudiTrainingArguments, which must exist before the model is loaded.
+    export_mpi_rank_environment()
     model_args, data_args, lora_args, training_args = parse_args(argv)
     prepare_training_arguments(training_args)
 
@@ -1240,7 +1390,9 @@ def main(argv: Optional[list[str]] = None):
     skipped_rows = SkippedRows(training_args.output_dir)
     if training_args.should_save and resume_checkpoint is None:
         skipped_rows.clear()
-    collator = VisionChatCollator(processor, family, schema, data_args, image_base_dir, skipped_rows)
+    collator = VisionChatCollator(
+        processor, family, schema, data_args, image_base_dir, skipped_rows, hpu_model_inputs(training_args)
+    )
     if training_args.should_log:
         log_trained_sample(collator, splits)
 
