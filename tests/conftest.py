@@ -51,3 +51,16 @@ def train_argv(assets, output_dir, *extra, dataset=None):
         "--dataloader_pin_memory", "False",
         *extra,
     ]
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """Undo environment changes a test's in-process run leaves behind.
+
+    TrainingArguments(bf16=True) exports ACCELERATE_MIXED_PRECISION=bf16, and accelerate's state exports rank
+    variables; left in place they would silently switch later runs (and their subprocesses) to bf16.
+    """
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
