@@ -200,6 +200,30 @@ class DataArguments:
 
 
 @dataclass
+class EvaluationArguments:
+    generation_eval: bool = field(
+        default=False,
+        metadata={
+            "help": "With --do_eval / --do_predict, also answer each evaluated row by greedy generation and score "
+            "it: relaxed accuracy (ChartQA), exact match and ANLS. Answers go to predictions.jsonl."
+        },
+    )
+    generation_max_new_tokens: int = field(default=32, metadata={"help": "Longest generated answer, in tokens."})
+    eval_before_training: bool = field(
+        default=False,
+        metadata={"help": "Evaluate the untouched model before training too, and log both side by side."},
+    )
+    metrics_group_column: str = field(
+        default="human_or_machine",
+        metadata={"help": "When the dataset has this column, generation metrics are also reported per value."},
+    )
+
+    def __post_init__(self):
+        if self.generation_max_new_tokens <= 0:
+            raise ValueError(f"--generation_max_new_tokens must be positive, got {self.generation_max_new_tokens}.")
+
+
+@dataclass
 class LoraArguments:
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator (scale = alpha / rank)."})
@@ -294,7 +318,7 @@ def parse_args(argv: Optional[list[str]] = None):
         # Checked before the training arguments are built, so a Gaudi command line gets this message
         # rather than a later, vaguer one (e.g. about --bf16 on a CPU).
         refuse_gaudi_flags(argv, json_file)
-    dataclass_types = [ModelArguments, DataArguments, LoraArguments, training_arguments_class()]
+    dataclass_types = [ModelArguments, DataArguments, LoraArguments, EvaluationArguments, training_arguments_class()]
     if not on_gaudi_stack:
         # Listed in --help; the Gaudi-only ones are at their defaults by now.
         dataclass_types += [AttentionArguments, GaudiOnlyArguments]
@@ -303,15 +327,15 @@ def parse_args(argv: Optional[list[str]] = None):
         parsed = parser.parse_json_file(json_file=json_file)
     else:
         parsed = parser.parse_args_into_dataclasses(args=argv)
-    model_args, data_args, lora_args, training_args = parsed[:4]
-    model_args.attn_implementation = getattr(parsed[4] if len(parsed) > 4 else training_args, "attn_implementation")
+    model_args, data_args, lora_args, eval_args, training_args = parsed[:5]
+    model_args.attn_implementation = getattr(parsed[5] if len(parsed) > 5 else training_args, "attn_implementation")
     if getattr(training_args, "use_habana", False):
         settle_execution_mode(training_args, lazy_flag_given=lazy_mode_flag_given(argv, json_file))
     if data_args.padding_strategy is None:
         # Gaudi lazy mode compiles a graph per input shape; a few fixed lengths keep that bounded.
         static = getattr(training_args, "use_habana", False) and training_args.use_lazy_mode
         data_args.padding_strategy = "bucket" if static else "longest"
-    return model_args, data_args, lora_args, training_args
+    return model_args, data_args, lora_args, eval_args, training_args
 
 
 def lazy_mode_flag_given(argv: list[str], json_file: Optional[str]) -> bool:
@@ -1065,6 +1089,114 @@ def format_trained_tokens(tokenizer, input_ids, labels) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Evaluation by generation
+# ---------------------------------------------------------------------------------------------------
+
+
+class GenerationEvaluator:
+    """Answers evaluation rows by greedy generation and scores the answers against the gold ones.
+
+    The prompt is built exactly as in training (same normalization, template, system prompt and question
+    template), up to the last assistant turn. Rows are sharded over ranks and the records gathered.
+    """
+
+    def __init__(self, collator: VisionChatCollator, eval_args: EvaluationArguments, batch_size: int):
+        self.collator = collator
+        self.processor = collator.processor
+        self.eval_args = eval_args
+        self.batch_size = batch_size
+
+    def prompt(self, feature: dict) -> tuple[str, list, list[str], str]:
+        """(prompt text, decoded images, gold answers, question shown in the report) for one row."""
+        example = normalize_row(feature["row"], self.collator.schema, self.collator.data_args)
+        messages = example["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        golds = example["answers"] if self.collator.schema.kind != "conversation" else [messages[last]["content"][0]["text"]]
+        question = " ".join(p["text"] for p in messages[last - 1]["content"] if p["type"] == "text")
+        images = [open_image(image, self.collator.image_base_dir) for image in example["images"]]
+        text = self.processor.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+        return text, images, golds, question
+
+    def generate(self, model, features: list[dict]) -> list[dict]:
+        prepared = []
+        for feature in features:
+            try:
+                prepared.append((feature, *self.prompt(feature)))
+            except InvalidRowError as e:
+                self.collator.reject(feature, e)
+        if not prepared:
+            return []
+        images = [p[2] for p in prepared]
+        inputs = self.processor(
+            text=[p[1] for p in prepared],
+            images=images if any(images) else None,
+            add_special_tokens=False,
+            padding="longest",
+            padding_side="left",  # generation continues every row from the same position
+            return_tensors="pt",
+            **(self.collator.family.processor_call_kwargs if any(images) else {}),
+        ).to(model.device)
+        inputs.pop("offset_mapping", None)
+        with torch.no_grad():
+            output = model.generate(
+                **inputs, max_new_tokens=self.eval_args.generation_max_new_tokens, do_sample=False, use_cache=True
+            )
+        answers = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        group_column = self.eval_args.metrics_group_column
+        records = []
+        for (feature, _, _, golds, question), answer in zip(prepared, answers):
+            record = {"split": feature["split"], "row_index": feature["row_index"], "question": question,
+                      "gold_answers": golds, "prediction": answer.strip()}
+            record.update(score_prediction(record["prediction"], golds))
+            if group_column in feature["row"]:
+                record[group_column] = feature["row"][group_column]
+            records.append(record)
+        return records
+
+    def evaluate(self, model, rows: IndexedRows, accelerator) -> list[dict]:
+        """Records for every row of `rows`, in row order, identical on every rank."""
+        from accelerate.utils import gather_object
+        from tqdm.auto import tqdm
+
+        mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
+        batches = [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        was_training = model.training
+        model.eval()
+        records = []
+        for batch in tqdm(batches, desc=f"Generating answers ({rows.split})", disable=not accelerator.is_local_main_process):
+            records.extend(self.generate(model, [rows[position] for position in batch]))
+        model.train(was_training)
+        gathered = gather_object(records) if accelerator.num_processes > 1 else records
+        return sorted(gathered, key=lambda record: record["row_index"])
+
+
+def evaluate_split(trainer, rows: IndexedRows, prefix: str, generator: Optional[GenerationEvaluator]) -> dict:
+    """Loss and perplexity over assistant tokens, plus generation metrics when asked; logged and returned."""
+    metrics = add_perplexity(trainer.evaluate(eval_dataset=rows, metric_key_prefix=prefix), prefix)
+    metrics[f"{prefix}_samples"] = len(rows)
+    if generator is not None:
+        records = generator.evaluate(trainer.accelerator.unwrap_model(trainer.model), rows, trainer.accelerator)
+        scores = aggregate_scores(records, generator.eval_args.metrics_group_column)
+        metrics.update({f"{prefix}_{name}": value for name, value in scores.items()})
+        trainer.log({f"{prefix}_{name}": value for name, value in scores.items()})
+        if trainer.args.should_save:
+            with open(Path(trainer.args.output_dir, "predictions.jsonl"), "a") as f:
+                for record in records:
+                    f.write(json.dumps({"evaluation": prefix, **record}, default=str) + "\n")
+    return metrics
+
+
+def log_before_and_after(before: dict, after: dict) -> None:
+    """One line per quality metric: the untouched model's value, then the fine-tuned one's."""
+    lines = []
+    for name, value in before.items():
+        metric = name[len("eval_before_"):]
+        if metric.split("_")[0] in ("loss", "perplexity") or metric.startswith(METRIC_NAMES):
+            lines.append(f"  {metric:<24} {value:>10.4f} -> {after.get('eval_' + metric, float('nan')):>10.4f}")
+    logger.info("Evaluation before -> after training:\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------------------
 
@@ -1108,6 +1240,145 @@ class BatchShapeCounter(transformers.TrainerCallback):
         shapes = ", ".join(f"{b}x{n}: {count}" for (b, n), count in sorted(self.shapes.items()))
         logger.info(f"Epoch {state.epoch:.2f}: {len(self.shapes)} distinct training batch shapes ({shapes})")
         self.shapes.clear()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation metrics
+# ---------------------------------------------------------------------------------------------------
+
+# Pure-Python answer metrics (ChartQA relaxed accuracy, exact match, ANLS): no torch, no Hub downloads.
+METRIC_NAMES = ("relaxed_accuracy", "exact_match", "anls")
+
+# An optional sign, an optional "$", digits (either plain or grouped by commas in threes) with an optional
+# fraction, or a bare fraction (".5"), then an optional "%". No exponents, no "nan"/"inf".
+_NUMBER_RE = re.compile(r"^([+-]?)\$?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)%?$")
+
+
+def normalize_answer(text) -> str:
+    """Canonical form of an answer for comparison.
+
+    Lower-cases, strips the ends, collapses every run of whitespace to one space, then drops one trailing
+    period ("Blue ." -> "blue", "3.5." -> "3.5"). Punctuation elsewhere and articles are kept as they are.
+    `None` counts as the empty string; other non-strings go through `str` first.
+    """
+    if text is None:
+        return ""
+    text = " ".join(str(text).lower().split())
+    if text.endswith("."):
+        text = text[:-1].rstrip()
+    return text
+
+
+def parse_number(text) -> Optional[float]:
+    """The number an answer spells, or None when it is not a plain number.
+
+    Accepts surrounding whitespace, a sign, a leading "$", thousands separators grouped in threes and a
+    trailing "%" (dropped, not divided: "12%" -> 12.0): "12", "-3.5", "1,234", "$5", " 7.0 ". Anything
+    else ("12 apples", "1e3", "nan", "1,23", "") gives None.
+    """
+    if text is None:
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text) if math.isfinite(text) else None
+    match = _NUMBER_RE.match(str(text).strip())
+    if match is None:
+        return None
+    return float(match.group(1) + match.group(2).replace(",", ""))
+
+
+def relaxed_match(prediction, gold) -> bool:
+    """ChartQA's relaxed accuracy for one gold answer.
+
+    When both answers parse as numbers (after `normalize_answer`, so "12." is 12), the prediction is correct
+    when |prediction - gold| <= 5% of |gold|; a gold of 0 therefore needs exactly 0. Otherwise the
+    normalized strings must be equal (case-insensitive exact match).
+    """
+    pred_text, gold_text = normalize_answer(prediction), normalize_answer(gold)
+    pred_number, gold_number = parse_number(pred_text), parse_number(gold_text)
+    if pred_number is not None and gold_number is not None:
+        if gold_number == 0:
+            return pred_number == 0
+        return abs(pred_number - gold_number) <= 0.05 * abs(gold_number)
+    return pred_text == gold_text
+
+
+def exact_match(prediction, gold) -> bool:
+    """Equality of the normalized answers ("Yes." matches "yes"; "12" does not match "12.0")."""
+    return normalize_answer(prediction) == normalize_answer(gold)
+
+
+def levenshtein_distance(a: str, b: str) -> int:
+    """Fewest single-character insertions, deletions and substitutions turning `a` into `b` (one-row DP)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def anls_score(prediction, gold, threshold: float = 0.5) -> float:
+    """Normalized Levenshtein similarity of one prediction to one gold answer, as used by ANLS.
+
+    On the normalized strings: 1 - distance / max(len(prediction), len(gold)); two empty strings score 1.
+    A score below `threshold` is set to 0, i.e. a normalized distance above 0.5 scores 0 (a distance of
+    exactly 0.5 keeps its 0.5).
+    """
+    pred_text, gold_text = normalize_answer(prediction), normalize_answer(gold)
+    longest = max(len(pred_text), len(gold_text))
+    if longest == 0:
+        return 1.0
+    score = 1.0 - levenshtein_distance(pred_text, gold_text) / longest
+    return score if score >= threshold else 0.0
+
+
+def score_prediction(prediction, golds) -> dict:
+    """The three metrics of one prediction, each the best over all gold answers.
+
+    Returns {"relaxed_accuracy": 0.0|1.0, "exact_match": 0.0|1.0, "anls": float in [0, 1]}. A single gold
+    string is accepted as a list of one; no gold answers score 0 everywhere.
+    """
+    if isinstance(golds, str) or golds is None:
+        golds = [] if golds is None else [golds]
+    golds = list(golds)
+    return {
+        "relaxed_accuracy": float(any(relaxed_match(prediction, gold) for gold in golds)),
+        "exact_match": float(any(exact_match(prediction, gold) for gold in golds)),
+        "anls": max((anls_score(prediction, gold) for gold in golds), default=0.0),
+    }
+
+
+def aggregate_scores(records: list, group_key: Optional[str] = None) -> dict:
+    """Means of the metrics over records (dicts as `score_prediction` returns, plus any other keys).
+
+    Each metric in METRIC_NAMES present in the records is averaged over the records that hold it. With
+    `group_key` (e.g. ChartQA's "human_or_machine"), records holding that key are also averaged per value,
+    as "<metric>_<value>" ("relaxed_accuracy_0", "anls_human"). Values are plain floats; no records -> {}.
+    """
+    def means(rows) -> dict:
+        result = {}
+        for name in METRIC_NAMES:
+            values = [float(row[name]) for row in rows if row.get(name) is not None]
+            if values:
+                result[name] = float(sum(values) / len(values))
+        return result
+
+    records = list(records)
+    if not records:
+        return {}
+    result = means(records)
+    if group_key is not None:
+        groups: dict = {}
+        for row in records:
+            if row.get(group_key) is not None:
+                groups.setdefault(str(row[group_key]), []).append(row)
+        for value in sorted(groups):
+            for name, mean in means(groups[value]).items():
+                result[f"{name}_{value}"] = mean
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1350,11 +1621,24 @@ def export_mpi_rank_environment() -> None:
             os.environ[name] = os.environ[mpi_name]
 
 
+def load_processor_and_model(model_args: ModelArguments, training_args):
+    """The processor, the model, and the family entry picked from config.model_type (never from the name)."""
+    hub_kwargs = dict(
+        cache_dir=model_args.cache_dir, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
+    )
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
+    family = model_family(config.model_type)
+    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
+    if not processor.chat_template:
+        raise ValueError(f"{model_args.model_name_or_path} has no chat template; use an instruction-tuned checkpoint.")
+    return family, processor, load_model(model_args, training_args, config)
+
+
 def main(argv: Optional[list[str]] = None):
     """Run the pipeline; returns the trainer (its model holds the trained adapter) for callers and tests."""
     # Parse: on Gaudi this builds GaudiTrainingArguments, which must exist before the model is loaded.
     export_mpi_rank_environment()
-    model_args, data_args, lora_args, training_args = parse_args(argv)
+    model_args, data_args, lora_args, eval_args, training_args = parse_args(argv)
     prepare_training_arguments(training_args)
 
     # Logging, seed and the output folder policy.
@@ -1369,19 +1653,8 @@ def main(argv: Optional[list[str]] = None):
     schema = detect_schema(next(iter(splits.values())).dataset.column_names, data_args)
     logger.info(f"Dataset schema: {schema}; rows: { {name: len(rows) for name, rows in splits.items()} }")
 
-    # Processor and model; the model family comes from the config, never from the model's name.
-    config = AutoConfig.from_pretrained(
-        model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-        trust_remote_code=model_args.trust_remote_code,
-    )
-    family = model_family(config.model_type)
-    processor = AutoProcessor.from_pretrained(
-        model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-        trust_remote_code=model_args.trust_remote_code,
-    )
-    if not processor.chat_template:
-        raise ValueError(f"{model_args.model_name_or_path} has no chat template; use an instruction-tuned checkpoint.")
-    model = load_model(model_args, training_args, config)
+    # Processor and model.
+    family, processor, model = load_processor_and_model(model_args, training_args)
 
     # LoRA on the language model only.
     model = apply_lora(model, lora_args)
@@ -1390,6 +1663,7 @@ def main(argv: Optional[list[str]] = None):
     skipped_rows = SkippedRows(training_args.output_dir)
     if training_args.should_save and resume_checkpoint is None:
         skipped_rows.clear()
+        Path(training_args.output_dir, "predictions.jsonl").unlink(missing_ok=True)
     collator = VisionChatCollator(
         processor, family, schema, data_args, image_base_dir, skipped_rows, hpu_model_inputs(training_args)
     )
@@ -1398,9 +1672,13 @@ def main(argv: Optional[list[str]] = None):
 
     # Trainer: GaudiTrainer on Gaudi, the stock Trainer elsewhere.
     trainer = build_trainer(model, training_args, model_args, processor, splits, collator)
+    generator = GenerationEvaluator(collator, eval_args, training_args.per_device_eval_batch_size) if eval_args.generation_eval else None
 
     # Train, then save the adapter and the processor.
+    before = {}
     if training_args.do_train:
+        if training_args.do_eval and eval_args.eval_before_training:
+            before = evaluate_split(trainer, splits["eval"], "eval_before", generator)
         log_training_plan(training_args, len(splits["train"]))
         train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
         trainer.save_model()
@@ -1409,11 +1687,16 @@ def main(argv: Optional[list[str]] = None):
         trainer.save_metrics("train", metrics)
         trainer.save_state()
 
-    # Evaluate: loss over assistant tokens and its perplexity.
-    if training_args.do_eval:
-        metrics = add_perplexity({**trainer.evaluate(), "eval_samples": len(splits["eval"])})
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+    # Evaluate and predict: loss over assistant tokens, perplexity and, if asked, generation metrics.
+    evaluated = {}
+    for stage, prefix in (("eval", "eval"), ("test", "predict")):
+        if stage in splits:
+            evaluated[prefix] = evaluate_split(trainer, splits[stage], prefix, generator)
+            metrics = {**evaluated[prefix], **(before if prefix == "eval" else {})}
+            trainer.log_metrics(prefix, metrics)
+            trainer.save_metrics(prefix, metrics)
+    if before:
+        log_before_and_after(before, evaluated["eval"])
 
     # Report rows that were skipped or truncated, once every rank has recorded its own.
     trainer.accelerator.wait_for_everyone()

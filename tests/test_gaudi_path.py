@@ -132,7 +132,7 @@ def _parse_case(argv):
     import run_lora_vlm
 
     try:
-        model_args, data_args, lora_args, training_args = run_lora_vlm.parse_args(argv)
+        model_args, data_args, lora_args, _, training_args = run_lora_vlm.parse_args(argv)
     except ValueError as e:
         return {"error": str(e)}
     return {
