@@ -43,6 +43,8 @@ import logging
 import math
 import os
 import re
+import shutil
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +65,6 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils.versions import require_version
 
 
@@ -224,6 +225,27 @@ class EvaluationArguments:
 
 
 @dataclass
+class RunArguments:
+    non_finite_loss: str = field(
+        default="error",
+        metadata={
+            "help": "A NaN/inf training loss: 'error' stops naming the step and rows; 'skip' drops that batch.",
+            "choices": ["error", "skip"],
+        },
+    )
+    dry_run_data: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Build this many training batches, check them (trained tokens, one <bos>, image tokens), "
+            "log one decoded example, and exit without loading the model."
+        },
+    )
+    min_free_disk_gb: float = field(
+        default=1.0, metadata={"help": "Refuse to start with less free space than this in --output_dir."}
+    )
+
+
+@dataclass
 class LoraArguments:
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator (scale = alpha / rank)."})
@@ -318,7 +340,9 @@ def parse_args(argv: Optional[list[str]] = None):
         # Checked before the training arguments are built, so a Gaudi command line gets this message
         # rather than a later, vaguer one (e.g. about --bf16 on a CPU).
         refuse_gaudi_flags(argv, json_file)
-    dataclass_types = [ModelArguments, DataArguments, LoraArguments, EvaluationArguments, training_arguments_class()]
+    dataclass_types = [
+        ModelArguments, DataArguments, LoraArguments, EvaluationArguments, RunArguments, training_arguments_class()
+    ]
     if not on_gaudi_stack:
         # Listed in --help; the Gaudi-only ones are at their defaults by now.
         dataclass_types += [AttentionArguments, GaudiOnlyArguments]
@@ -327,15 +351,15 @@ def parse_args(argv: Optional[list[str]] = None):
         parsed = parser.parse_json_file(json_file=json_file)
     else:
         parsed = parser.parse_args_into_dataclasses(args=argv)
-    model_args, data_args, lora_args, eval_args, training_args = parsed[:5]
-    model_args.attn_implementation = getattr(parsed[5] if len(parsed) > 5 else training_args, "attn_implementation")
+    model_args, data_args, lora_args, eval_args, run_args, training_args = parsed[:6]
+    model_args.attn_implementation = getattr(parsed[6] if len(parsed) > 6 else training_args, "attn_implementation")
     if getattr(training_args, "use_habana", False):
         settle_execution_mode(training_args, lazy_flag_given=lazy_mode_flag_given(argv, json_file))
     if data_args.padding_strategy is None:
         # Gaudi lazy mode compiles a graph per input shape; a few fixed lengths keep that bounded.
         static = getattr(training_args, "use_habana", False) and training_args.use_lazy_mode
         data_args.padding_strategy = "bucket" if static else "longest"
-    return model_args, data_args, lora_args, eval_args, training_args
+    return model_args, data_args, lora_args, eval_args, run_args, training_args
 
 
 def lazy_mode_flag_given(argv: list[str], json_file: Optional[str]) -> bool:
@@ -902,6 +926,7 @@ class EncodedRow:
     labels: np.ndarray
     token_type_ids: Optional[np.ndarray]
     image_slice: slice  # this row's images within the batch's pixel_values
+    row_index: int = -1  # in its split; -1 for a stand-in row
 
 
 class VisionChatCollator:
@@ -992,6 +1017,7 @@ class VisionChatCollator:
                 labels,
                 None if token_type_ids is None else np.asarray(token_type_ids[index][:length], dtype=np.int64),
                 slice(image_start, image_start + len(row_images)),
+                feature["row_index"],
             )
             image_start += len(row_images)
             try:
@@ -1055,6 +1081,8 @@ class VisionChatCollator:
             kept_images.extend(range(row.image_slice.start, row.image_slice.stop))
         if kept_images:
             batch["pixel_values"] = torch.as_tensor(np.stack([pixel_values[j] for j in kept_images]))
+        # Which rows these are, for error messages; taken out before the model's forward (TrainingLossMonitor).
+        batch["row_ids"] = torch.tensor([row.row_index for row in rows], dtype=torch.long)
         return {**batch, **self.extra_model_inputs}
 
     def untrained_row(self) -> EncodedRow:
@@ -1222,24 +1250,88 @@ def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> to
     return loss_sum / num_items_in_batch
 
 
-class BatchShapeCounter(transformers.TrainerCallback):
-    """Counts the distinct training batch shapes of each epoch: on Gaudi lazy mode each one is a graph compile.
+class TrainingLossMonitor(transformers.TrainerCallback):
+    """The trainer's loss function, plus what it sees: batch shapes per epoch and non-finite losses.
 
-    Counted where the loss is computed, in the training process itself, so dataloader workers do not hide it.
+    Shapes are counted where the loss is computed, in the training process, so dataloader workers do not
+    hide them (on Gaudi lazy mode each new shape is a graph compile). A non-finite loss stops the run naming
+    the step and the batch's rows, or with `non_finite_loss="skip"` contributes no gradient. The rows come
+    from the batch's `row_ids`, which a forward pre-hook takes out before the model sees them.
     """
 
-    def __init__(self):
+    def __init__(self, non_finite_loss: str = "error", split: str = "train"):
+        self.non_finite_loss = non_finite_loss
+        self.split = split
         self.shapes = collections.Counter()
+        self.step = 0
+        self.row_ids: Optional[torch.Tensor] = None
+        self.skipped_batches = 0
+
+    def take_row_ids(self, module, args, kwargs):
+        self.row_ids = kwargs.pop("row_ids", None)
+        return args, kwargs
 
     def loss(self, outputs, labels, num_items_in_batch=None):
-        if torch.is_grad_enabled():  # evaluation runs without gradients and is not counted
-            self.shapes[tuple(labels.shape)] += 1
-        return causal_lm_loss(outputs, labels, num_items_in_batch)
+        loss = causal_lm_loss(outputs, labels, num_items_in_batch)
+        if not torch.is_grad_enabled():  # evaluation: neither counted nor checked here
+            return loss
+        self.shapes[tuple(labels.shape)] += 1
+        if bool(torch.isfinite(loss)):
+            return loss
+        rows = [] if self.row_ids is None else [int(r) for r in self.row_ids.tolist() if r >= 0]
+        where = f"training step {self.step + 1}, {self.split} rows {rows}"
+        if self.non_finite_loss == "error":
+            raise FloatingPointError(
+                f"Non-finite loss ({loss.item()}) at {where}. Check these rows and the learning rate, or pass "
+                "--non_finite_loss skip to drop such batches."
+            )
+        self.skipped_batches += 1
+        logger.warning(f"Non-finite loss at {where}: the batch is skipped (it contributes no gradient).")
+        # A zero built from the trainable weights, not from the NaN graph, so every gradient is exactly zero.
+        return sum(p.sum() for p in self.trainable_parameters) * 0.0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.trainable_parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
 
     def on_epoch_end(self, args, state, control, **kwargs):
         shapes = ", ".join(f"{b}x{n}: {count}" for (b, n), count in sorted(self.shapes.items()))
         logger.info(f"Epoch {state.epoch:.2f}: {len(self.shapes)} distinct training batch shapes ({shapes})")
         self.shapes.clear()
+
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a job they asked to stop
+
+
+class PreemptionHandler(transformers.TrainerCallback):
+    """On SIGTERM (what schedulers send before preempting), finish the step, save a checkpoint and stop.
+
+    On several ranks the request is agreed on after every step, so all ranks stop at the same one.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at_step: Optional[int] = None
+
+    def install(self):
+        """Handle SIGTERM from now on; returns the previous handler, for `signal.signal` to restore."""
+        return signal.signal(signal.SIGTERM, self.request)
+
+    def request(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested = self.requested
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and args.world_size > 1:
+            flag = torch.tensor([int(requested)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            requested = bool(flag.item())
+        if requested:
+            self.stopped_at_step = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1483,6 +1575,39 @@ def setup_logging(training_args) -> None:
     )
 
 
+def last_complete_checkpoint(output_dir: Path) -> Optional[str]:
+    """The newest checkpoint-N folder whose trainer_state.json, written last of all, is whole.
+
+    A checkpoint being written when the process died lacks it (or holds a cut-off file) and is passed over.
+    """
+    steps = sorted(
+        (int(match.group(1)), path)
+        for path in output_dir.glob("checkpoint-*")
+        if path.is_dir() and (match := re.fullmatch(r"checkpoint-(\d+)", path.name))
+    )
+    for step, path in reversed(steps):
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            logger.warning(f"Ignoring incomplete checkpoint {path} (no readable trainer_state.json).")
+            continue
+        if state.get("global_step") == step:
+            return str(path)
+    return None
+
+
+def check_free_disk(output_dir: str, min_free_gb: float) -> None:
+    existing = Path(output_dir).resolve()
+    while not existing.exists():
+        existing = existing.parent
+    free_gb = shutil.disk_usage(existing).free / 2**30
+    if free_gb < min_free_gb:
+        raise ValueError(
+            f"Only {free_gb:.2f} GiB free under {existing}, below --min_free_disk_gb {min_free_gb}: checkpoints "
+            "would fail mid-run. Free some space or choose another --output_dir."
+        )
+
+
 def checkpoint_to_resume(training_args) -> Optional[str]:
     """The checkpoint to resume from; refuse to train into a non-empty folder that holds none."""
     if training_args.resume_from_checkpoint is not None:
@@ -1490,7 +1615,7 @@ def checkpoint_to_resume(training_args) -> Optional[str]:
     output_dir = Path(training_args.output_dir)
     if not training_args.do_train or training_args.overwrite_output_dir or not output_dir.is_dir():
         return None
-    last_checkpoint = get_last_checkpoint(str(output_dir))
+    last_checkpoint = last_complete_checkpoint(output_dir)
     if last_checkpoint is None and any(p.name != "skipped_rows.parts" for p in output_dir.iterdir()):
         raise ValueError(
             f"--output_dir {output_dir} is not empty and holds no checkpoint to resume from. "
@@ -1547,8 +1672,10 @@ def gaudi_trainer_class():
     return TokenCountingGaudiTrainer
 
 
-def build_trainer(model, training_args, model_args, processor, splits, collator):
-    shape_counter = BatchShapeCounter()
+def build_trainer(model, training_args, model_args, run_args, processor, splits, collator):
+    monitor = TrainingLossMonitor(run_args.non_finite_loss, splits["train"].split if "train" in splits else "train")
+    model.register_forward_pre_hook(monitor.take_row_ids, with_kwargs=True)
+    preemption = PreemptionHandler()
     common = dict(
         model=model,
         args=training_args,
@@ -1556,8 +1683,8 @@ def build_trainer(model, training_args, model_args, processor, splits, collator)
         eval_dataset=splits.get("eval"),
         data_collator=collator,
         processing_class=processor,
-        compute_loss_func=shape_counter.loss,
-        callbacks=[shape_counter],
+        compute_loss_func=monitor.loss,
+        callbacks=[monitor, preemption],
     )
     if not gaudi_stack_available():
         return Trainer(**common)
@@ -1621,30 +1748,64 @@ def export_mpi_rank_environment() -> None:
             os.environ[name] = os.environ[mpi_name]
 
 
-def load_processor_and_model(model_args: ModelArguments, training_args):
-    """The processor, the model, and the family entry picked from config.model_type (never from the name)."""
-    hub_kwargs = dict(
+def load_processor(model_args: ModelArguments):
+    """The processor, and the family entry picked from config.model_type (never from the model's name)."""
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
+    family = model_family(config.model_type)
+    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
+    if not processor.chat_template:
+        raise ValueError(
+            f"{model_args.model_name_or_path} has no chat template, which the collator needs to find the "
+            "assistant's tokens; use an instruction-tuned checkpoint (e.g. google/gemma-3-12b-it)."
+        )
+    return config, family, processor
+
+
+def hub_kwargs(model_args: ModelArguments) -> dict:
+    return dict(
         cache_dir=model_args.cache_dir, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
     )
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
-    family = model_family(config.model_type)
-    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
-    if not processor.chat_template:
-        raise ValueError(f"{model_args.model_name_or_path} has no chat template; use an instruction-tuned checkpoint.")
-    return family, processor, load_model(model_args, training_args, config)
+
+
+def dry_run_data(collator: VisionChatCollator, rows: IndexedRows, num_batches: int, batch_size: int) -> dict:
+    """Build batches as training would and check them, without a model; return what was checked."""
+    tokenizer = collator.processor.tokenizer
+    image_token_id = getattr(collator.processor, "image_token_id", None)
+    tokens_per_image = getattr(collator.processor, "image_seq_length", None)
+    checked = collections.Counter()
+    for start in range(0, min(num_batches * batch_size, len(rows)), batch_size):
+        batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        real = batch["row_ids"] >= 0
+        for ids, labels, row_id in zip(batch["input_ids"][real], batch["labels"][real], batch["row_ids"][real]):
+            where = f"{rows.split} row {int(row_id)}"
+            if not (labels != IGNORE_INDEX).any():
+                raise ValueError(f"Dry run: {where} has no trained token.")
+            if int((ids == tokenizer.bos_token_id).sum()) != 1:
+                raise ValueError(f"Dry run: {where} has {int((ids == tokenizer.bos_token_id).sum())} <bos> tokens, not 1.")
+        if image_token_id is not None and tokens_per_image and "pixel_values" in batch:
+            found, expected = int((batch["input_ids"] == image_token_id).sum()), len(batch["pixel_values"]) * tokens_per_image
+            if found != expected:
+                raise ValueError(f"Dry run: batch from row {start} has {found} image tokens, expected {expected}.")
+        checked["batches"] += 1
+        checked["rows"] += int(real.sum())
+        checked["images"] += len(batch.get("pixel_values", []))
+    log_trained_sample(collator, {"train": rows})
+    logger.info(f"Dry run passed: {dict(checked)}; every row has trained tokens and one <bos>.")
+    return dict(checked)
 
 
 def main(argv: Optional[list[str]] = None):
     """Run the pipeline; returns the trainer (its model holds the trained adapter) for callers and tests."""
     # Parse: on Gaudi this builds GaudiTrainingArguments, which must exist before the model is loaded.
     export_mpi_rank_environment()
-    model_args, data_args, lora_args, eval_args, training_args = parse_args(argv)
+    model_args, data_args, lora_args, eval_args, run_args, training_args = parse_args(argv)
     prepare_training_arguments(training_args)
 
-    # Logging, seed and the output folder policy.
+    # Logging, seed, and pre-flight checks of the output folder.
     setup_logging(training_args)
     set_seed(training_args.seed)
     resume_checkpoint = checkpoint_to_resume(training_args)
+    check_free_disk(training_args.output_dir, run_args.min_free_disk_gb)
 
     # Data: rows are chosen by index only; images are decoded per batch by the collator.
     with training_args.main_process_first(desc="loading the dataset"):
@@ -1653,13 +1814,8 @@ def main(argv: Optional[list[str]] = None):
     schema = detect_schema(next(iter(splits.values())).dataset.column_names, data_args)
     logger.info(f"Dataset schema: {schema}; rows: { {name: len(rows) for name, rows in splits.items()} }")
 
-    # Processor and model.
-    family, processor, model = load_processor_and_model(model_args, training_args)
-
-    # LoRA on the language model only.
-    model = apply_lora(model, lora_args)
-
-    # Collator: assistant tokens only are trained.
+    # Processor and collator: only assistant tokens are trained.
+    config, family, processor = load_processor(model_args)
     skipped_rows = SkippedRows(training_args.output_dir)
     if training_args.should_save and resume_checkpoint is None:
         skipped_rows.clear()
@@ -1667,25 +1823,26 @@ def main(argv: Optional[list[str]] = None):
     collator = VisionChatCollator(
         processor, family, schema, data_args, image_base_dir, skipped_rows, hpu_model_inputs(training_args)
     )
+    if run_args.dry_run_data:
+        return dry_run_data(collator, splits.get("train") or next(iter(splits.values())), run_args.dry_run_data,
+                            training_args.per_device_train_batch_size)
     if training_args.should_log:
         log_trained_sample(collator, splits)
 
+    # Model, with LoRA on the language model only.
+    model = apply_lora(load_model(model_args, training_args, config), lora_args)
+
     # Trainer: GaudiTrainer on Gaudi, the stock Trainer elsewhere.
-    trainer = build_trainer(model, training_args, model_args, processor, splits, collator)
+    trainer = build_trainer(model, training_args, model_args, run_args, processor, splits, collator)
     generator = GenerationEvaluator(collator, eval_args, training_args.per_device_eval_batch_size) if eval_args.generation_eval else None
 
-    # Train, then save the adapter and the processor.
+    # Train (stopping cleanly on SIGTERM), then save the adapter and the processor.
     before = {}
     if training_args.do_train:
         if training_args.do_eval and eval_args.eval_before_training:
             before = evaluate_split(trainer, splits["eval"], "eval_before", generator)
         log_training_plan(training_args, len(splits["train"]))
-        train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
-        trainer.save_model()
-        metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
+        train_and_save(trainer, resume_checkpoint, len(splits["train"]))
 
     # Evaluate and predict: loss over assistant tokens, perplexity and, if asked, generation metrics.
     evaluated = {}
@@ -1705,6 +1862,26 @@ def main(argv: Optional[list[str]] = None):
         if any(report.values()):
             logger.warning(f"Rows skipped or truncated, by reason: {report} (see skipped_rows.json)")
     return trainer
+
+
+def train_and_save(trainer, resume_checkpoint: Optional[str], num_rows: int) -> None:
+    preemption = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionHandler))
+    previous_handler = preemption.install()
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    if preemption.stopped_at_step is not None:
+        logger.error(
+            f"Preempted (SIGTERM): stopped after step {preemption.stopped_at_step} with a checkpoint in "
+            f"{trainer.args.output_dir}. Resume with the same command."
+        )
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+    trainer.save_model()
+    metrics = {**train_result.metrics, "train_samples": num_rows}
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
 
 
 if __name__ == "__main__":

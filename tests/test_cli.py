@@ -102,7 +102,7 @@ def test_seed_command_flags_parse_and_gaudi_flags_fail_clearly_without_gaudi():
 def test_the_same_flags_without_gaudi_ones_parse_into_stock_training_arguments():
     gaudi_only = {"--use_habana", "--use_lazy_mode", "--gaudi_config_name", "Habana/gpt2"}
     argv = [a for a in SEED_SINGLE_CARD if a not in gaudi_only] + ["--use_cpu"]  # transformers wants it for CPU bf16
-    model_args, data_args, lora_args, _, training_args = rlv.parse_args(argv)
+    model_args, data_args, lora_args, _, _, training_args = rlv.parse_args(argv)
     assert type(training_args).__name__ == "TrainingArguments"
     assert (model_args.model_name_or_path, data_args.max_train_samples, lora_args.lora_rank) == ("google/gemma-3-12b-it", 128, 16)
     assert training_args.bf16 and training_args.gradient_checkpointing
@@ -171,7 +171,7 @@ def test_validation_is_carved_from_train_when_missing_and_is_seeded(assets, tmp_
 
 
 def prepare(assets, *flags, dataset=None):
-    _, data_args, _, _, training_args = rlv.parse_args(
+    _, data_args, _, _, _, training_args = rlv.parse_args(
         ["--model_name_or_path", assets["model"], "--dataset_name", dataset or assets["dataset"],
          "--output_dir", "unused", "--do_train", "--do_eval", *flags]
     )

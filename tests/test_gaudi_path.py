@@ -132,7 +132,7 @@ def _parse_case(argv):
     import run_lora_vlm
 
     try:
-        model_args, data_args, lora_args, _, training_args = run_lora_vlm.parse_args(argv)
+        model_args, data_args, lora_args, _, _, training_args = run_lora_vlm.parse_args(argv)
     except ValueError as e:
         return {"error": str(e)}
     return {
@@ -162,7 +162,7 @@ def _train_case(argv):
 
     assert habana_frameworks.IS_TEST_DOUBLE
     seen_items, batch_keys = [], set()
-    original_loss, original_pad = run_lora_vlm.BatchShapeCounter.loss, run_lora_vlm.VisionChatCollator.pad
+    original_loss, original_pad = run_lora_vlm.TrainingLossMonitor.loss, run_lora_vlm.VisionChatCollator.pad
 
     def loss(self, outputs, labels, num_items_in_batch=None):
         if outputs["logits"].requires_grad:
@@ -174,7 +174,7 @@ def _train_case(argv):
         batch_keys.update(batch)
         return batch
 
-    run_lora_vlm.BatchShapeCounter.loss, run_lora_vlm.VisionChatCollator.pad = loss, pad
+    run_lora_vlm.TrainingLossMonitor.loss, run_lora_vlm.VisionChatCollator.pad = loss, pad
     trainer = run_lora_vlm.main(argv)
     output_dir = Path(trainer.args.output_dir)
     base = AutoModelForImageTextToText.from_pretrained(argv[argv.index("--model_name_or_path") + 1])

@@ -1,0 +1,48 @@
+# Licensed under the Apache License, Version 2.0 (the "License").
+"""Runs run_lora_vlm.main() and sends this very process a signal right after a given training step.
+
+For the reliability tests: `python tests/interrupted_main.py --at_step 3 --signal KILL <run_lora_vlm flags>`
+dies as a preempted or crashed job would, at a known point.
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import run_lora_vlm  # noqa: E402
+
+
+class SignalAtStep(transformers.TrainerCallback):
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    step = int(argv[argv.index("--at_step") + 1])
+    signum = getattr(signal, "SIG" + argv[argv.index("--signal") + 1])
+    for flag in ("--at_step", "--signal"):
+        del argv[argv.index(flag): argv.index(flag) + 2]
+    build_trainer = run_lora_vlm.build_trainer
+
+    def build_trainer_with_signal(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        # First in line, so the preemption handler sees the signal at this same step end.
+        trainer.callback_handler.callbacks.insert(0, SignalAtStep(step, signum))
+        return trainer
+
+    run_lora_vlm.build_trainer = build_trainer_with_signal
+    run_lora_vlm.main(argv)
+
+
+if __name__ == "__main__":
+    main()
