@@ -103,7 +103,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset_name: str = field(
+    dataset_name: Optional[str] = field(
+        default=None,
         metadata={
             "help": "Hub dataset id, or a local path: a save_to_disk folder, a JSON/JSONL/CSV/Parquet file, a "
             "folder of such files, or an image folder with metadata."
@@ -243,6 +244,24 @@ class RunArguments:
     min_free_disk_gb: float = field(
         default=1.0, metadata={"help": "Refuse to start with less free space than this in --output_dir."}
     )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "Write a merged model (base + LoRA, safetensors), the processor and a generation config to "
+            "<output_dir>/merged: after training, or on its own from --adapter_path without --do_train."
+        },
+    )
+    adapter_path: Optional[str] = field(
+        default=None, metadata={"help": "A saved LoRA adapter, for --merge_adapter or --predict_image without training."}
+    )
+    predict_image: Optional[str] = field(
+        default=None, metadata={"help": "Answer --predict_question about this image file and exit (no dataset)."}
+    )
+    predict_question: Optional[str] = field(default=None, metadata={"help": "The question for --predict_image."})
+
+    def __post_init__(self):
+        if (self.predict_image is None) != (self.predict_question is None):
+            raise ValueError("--predict_image and --predict_question go together; give both or neither.")
 
 
 @dataclass
@@ -415,23 +434,64 @@ def refuse_gaudi_flags(argv: list[str], json_file: Optional[str]) -> None:
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """What the collator needs to know about one processor family.
+    """What the script needs to know about one model family: one entry of MODEL_FAMILIES per `model_type`.
 
-    `image_placeholder` is the text the chat template writes for each image; the processor replaces it with
-    `expanded_image_text` before tokenizing, which is how rendered character positions map onto the tokens.
+    The chat template writes `image_placeholder(processor)` once per image; the processor then replaces it
+    by a longer text (the image's tokens). Knowing how long lets the collator move assistant spans found in
+    the rendered chat onto the processed tokens:
+    - `image_token_counts(processor, processed)`: image tokens of each image in a processed batch;
+    - `expanded_length(processor, count)`: characters the placeholder of an image with `count` tokens becomes.
+    `image_inputs` are the processor outputs the model needs besides the text, one entry per image, except
+    that `patches_per_image` (if set) says how many rows of a patch-concatenated `pixel_values` each image
+    owns. LoRA targets need no entry: they are found in the module tree (the language model's linear layers).
     """
 
     image_placeholder: Callable[[Any], str]
-    expanded_image_text: Callable[[Any], str]
-    processor_call_kwargs: dict
+    image_token_counts: Callable[[Any, dict], list]
+    expanded_length: Callable[[Any, int], int]
+    image_inputs: tuple = ("pixel_values",)
+    patches_per_image: Optional[Callable[[dict], list]] = None
+    processor_call_kwargs: dict = field(default_factory=dict)
+    hpu_attention_options: bool = False  # the optimum-habana port takes use_flash_attention & co.
+
+
+def llava_next_image_token_counts(processor, processed) -> list:
+    """LlavaNextProcessor's own count: any-resolution tiling depends on each image's original size."""
+    height, width = np.asarray(processed["pixel_values"][0]).shape[-2:]
+    default_strategy = processor.vision_feature_select_strategy == "default"
+    return [
+        processor._get_number_of_features(int(h), int(w), height, width) - int(default_strategy)
+        for h, w in np.asarray(processed["image_sizes"])
+    ]
+
+
+def repeated_token_length(processor, count: int) -> int:
+    return count * len(processor.image_token)
 
 
 MODEL_FAMILIES = {
     "gemma3": ModelFamily(
         image_placeholder=lambda processor: processor.boi_token,
-        expanded_image_text=lambda processor: processor.full_image_sequence,
+        image_token_counts=lambda processor, processed: [processor.image_seq_length] * len(processed["pixel_values"]),
+        expanded_length=lambda processor, count: len(processor.full_image_sequence),
         # Pan-and-scan would give each image a data-dependent number of crops and tokens.
         processor_call_kwargs={"do_pan_and_scan": False},
+        hpu_attention_options=True,
+    ),
+    "qwen2_5_vl": ModelFamily(
+        image_placeholder=lambda processor: processor.image_token,
+        image_token_counts=lambda processor, processed: [
+            int(np.prod(grid)) // processor.image_processor.merge_size**2 for grid in processed["image_grid_thw"]
+        ],
+        expanded_length=repeated_token_length,
+        image_inputs=("pixel_values", "image_grid_thw"),
+        patches_per_image=lambda processed: [int(np.prod(grid)) for grid in processed["image_grid_thw"]],
+    ),
+    "llava_next": ModelFamily(
+        image_placeholder=lambda processor: processor.image_token,
+        image_token_counts=llava_next_image_token_counts,
+        expanded_length=repeated_token_length,
+        image_inputs=("pixel_values", "image_sizes"),
     ),
 }
 
@@ -911,12 +971,15 @@ def assistant_token_labels(
     return np.where(trained, input_ids, IGNORE_INDEX)
 
 
-def shift_spans_for_images(text: str, spans: list, placeholder: str, growth: int) -> list[tuple[int, int]]:
-    """Move spans found in the rendered text to where they sit after the processor expanded each image."""
+def shift_spans_for_images(text: str, spans: list, placeholder: str, growths: list[int]) -> list[tuple[int, int]]:
+    """Move spans found in the rendered text to where they sit once the processor expanded each image.
+
+    `growths[k]` is how many characters longer the k-th image's placeholder became.
+    """
     shifted = []
     for start, end in spans:
-        images_before = text.count(placeholder, 0, start)
-        shifted.append((start + images_before * growth, end + images_before * growth))
+        shift = sum(growths[: text.count(placeholder, 0, start)])
+        shifted.append((start + shift, end + shift))
     return shifted
 
 
@@ -955,7 +1018,7 @@ class VisionChatCollator:
         # Forward keyword arguments the trainer passes on with every batch (Gemma 3's HPU attention options).
         self.extra_model_inputs = extra_model_inputs or {}
         self.placeholder = family.image_placeholder(processor)
-        self.placeholder_growth = len(family.expanded_image_text(processor)) - len(self.placeholder)
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.pad_token_id = processor.tokenizer.pad_token_id
 
     def reject(self, feature: dict, error: InvalidRowError, action: str = "skipped") -> None:
@@ -984,17 +1047,16 @@ class VisionChatCollator:
                 prepared.append((feature, *self.prepare(feature)))
             except InvalidRowError as e:
                 self.reject(feature, e)
-        rows, pixel_values = self.encode(prepared)
-        return self.pad(rows, pixel_values, len(features))
+        rows, processed = self.encode(prepared)
+        return self.pad(rows, processed, len(features))
 
-    def encode(self, prepared: list) -> tuple[list[EncodedRow], Any]:
+    def encode(self, prepared: list) -> tuple[list[EncodedRow], dict]:
         """One processor call for the batch, then per-row labels and length policy."""
         if not prepared:
-            return [], None
-        texts = [text for _, text, _, _ in prepared]
+            return [], {}
         images = [imgs for _, _, _, imgs in prepared]
         processed = self.processor(
-            text=texts,
+            text=[text for _, text, _, _ in prepared],
             images=images if any(images) else None,
             add_special_tokens=False,  # the chat template already wrote <bos>
             return_offsets_mapping=True,
@@ -1004,27 +1066,35 @@ class VisionChatCollator:
             padding_side="right",
             **(self.family.processor_call_kwargs if any(images) else {}),
         )
+        counts = self.family.image_token_counts(self.processor, processed) if any(images) else []
+        growths = [self.family.expanded_length(self.processor, n) - len(self.placeholder) for n in counts]
         rows, image_start = [], 0
         for index, (feature, text, spans, row_images) in enumerate(prepared):
+            images_here = slice(image_start, image_start + len(row_images))
+            image_start += len(row_images)
             length = int(np.sum(processed["attention_mask"][index]))
             input_ids = np.asarray(processed["input_ids"][index][:length], dtype=np.int64)
+            if np.count_nonzero(input_ids == self.image_token_id) != sum(counts[images_here]):
+                raise ValueError(
+                    f"{feature['split']} row {feature['row_index']}: the processor produced "
+                    f"{np.count_nonzero(input_ids == self.image_token_id)} image tokens, the model family table "
+                    f"expects {sum(counts[images_here])}; MODEL_FAMILIES does not match this processor."
+                )
             token_starts = np.asarray(processed["offset_mapping"][index][:length], dtype=np.int64).reshape(-1, 2)[:, 0]
-            spans = shift_spans_for_images(text, spans, self.placeholder, self.placeholder_growth)
-            labels = assistant_token_labels(input_ids, token_starts, spans)
+            spans = shift_spans_for_images(text, spans, self.placeholder, growths[images_here])
             token_type_ids = processed.get("token_type_ids")
             row = EncodedRow(
                 input_ids,
-                labels,
+                assistant_token_labels(input_ids, token_starts, spans),
                 None if token_type_ids is None else np.asarray(token_type_ids[index][:length], dtype=np.int64),
-                slice(image_start, image_start + len(row_images)),
+                images_here,
                 feature["row_index"],
             )
-            image_start += len(row_images)
             try:
                 rows.append(self.fit_length(row, feature))
             except InvalidRowError as e:
                 self.reject(feature, e)
-        return rows, processed.get("pixel_values")
+        return rows, processed
 
     def fit_length(self, row: EncodedRow, feature: dict) -> EncodedRow:
         """Apply --max_seq_length: cut only the tail of the last answer, never an image or a whole answer."""
@@ -1058,7 +1128,7 @@ class VisionChatCollator:
             return next(length for length in self.data_args.length_buckets if length >= longest)
         return longest
 
-    def pad(self, rows: list[EncodedRow], pixel_values, batch_size: int) -> dict:
+    def pad(self, rows: list[EncodedRow], processed: dict, batch_size: int) -> dict:
         if not rows:
             rows = [self.untrained_row()] * batch_size
         length = self.padded_length(max(len(r.input_ids) for r in rows))
@@ -1080,10 +1150,23 @@ class VisionChatCollator:
                 batch["token_type_ids"][i, :n] = torch.from_numpy(row.token_type_ids)
             kept_images.extend(range(row.image_slice.start, row.image_slice.stop))
         if kept_images:
-            batch["pixel_values"] = torch.as_tensor(np.stack([pixel_values[j] for j in kept_images]))
+            batch.update(self.image_inputs(processed, kept_images))
         # Which rows these are, for error messages; taken out before the model's forward (TrainingLossMonitor).
         batch["row_ids"] = torch.tensor([row.row_index for row in rows], dtype=torch.long)
         return {**batch, **self.extra_model_inputs}
+
+    def image_inputs(self, processed: dict, kept: list[int]) -> dict:
+        """The per-image model inputs of the rows kept (rows can be dropped after processing)."""
+        inputs = {}
+        for key in self.family.image_inputs:
+            values = processed[key]
+            if key == "pixel_values" and self.family.patches_per_image is not None:
+                starts = np.concatenate([[0], np.cumsum(self.family.patches_per_image(processed))])
+                values = np.asarray(values)
+                inputs[key] = torch.as_tensor(np.concatenate([values[starts[j]:starts[j + 1]] for j in kept]))
+            else:
+                inputs[key] = torch.as_tensor(np.stack([np.asarray(values[j]) for j in kept]))
+        return inputs
 
     def untrained_row(self) -> EncodedRow:
         """Stand-in for the rows of a batch that were all skipped: one <bos>, nothing trained, zero gradient.
@@ -1768,30 +1851,81 @@ def hub_kwargs(model_args: ModelArguments) -> dict:
 
 
 def dry_run_data(collator: VisionChatCollator, rows: IndexedRows, num_batches: int, batch_size: int) -> dict:
-    """Build batches as training would and check them, without a model; return what was checked."""
-    tokenizer = collator.processor.tokenizer
-    image_token_id = getattr(collator.processor, "image_token_id", None)
-    tokens_per_image = getattr(collator.processor, "image_seq_length", None)
+    """Build batches as training would and check them, without a model; return what was checked.
+
+    The collator itself checks every row's image-token count against the family table; here each row must
+    also have at least one trained token and exactly one <bos>.
+    """
+    bos = collator.processor.tokenizer.bos_token_id
     checked = collections.Counter()
     for start in range(0, min(num_batches * batch_size, len(rows)), batch_size):
-        batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        features = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+        batch = collator(features)
         real = batch["row_ids"] >= 0
         for ids, labels, row_id in zip(batch["input_ids"][real], batch["labels"][real], batch["row_ids"][real]):
             where = f"{rows.split} row {int(row_id)}"
             if not (labels != IGNORE_INDEX).any():
                 raise ValueError(f"Dry run: {where} has no trained token.")
-            if int((ids == tokenizer.bos_token_id).sum()) != 1:
-                raise ValueError(f"Dry run: {where} has {int((ids == tokenizer.bos_token_id).sum())} <bos> tokens, not 1.")
-        if image_token_id is not None and tokens_per_image and "pixel_values" in batch:
-            found, expected = int((batch["input_ids"] == image_token_id).sum()), len(batch["pixel_values"]) * tokens_per_image
-            if found != expected:
-                raise ValueError(f"Dry run: batch from row {start} has {found} image tokens, expected {expected}.")
+            if bos is not None and int((ids == bos).sum()) != 1:
+                raise ValueError(f"Dry run: {where} has {int((ids == bos).sum())} <bos> tokens, not 1.")
+        kept = set(batch["row_ids"].tolist())
         checked["batches"] += 1
         checked["rows"] += int(real.sum())
-        checked["images"] += len(batch.get("pixel_values", []))
+        checked["images"] += sum(
+            len(as_image_list(f["row"].get(collator.schema.image_column))) for f in features if f["row_index"] in kept
+        )
     log_trained_sample(collator, {"train": rows})
     logger.info(f"Dry run passed: {dict(checked)}; every row has trained tokens and one <bos>.")
     return dict(checked)
+
+
+def end_of_turn_token_id(processor) -> Optional[int]:
+    """The token that closes an assistant turn, read off the chat template (e.g. <end_of_turn>, <|im_end|>)."""
+    messages = [{"role": "user", "content": [text_part("x")]}, {"role": "assistant", "content": [text_part("y")]}]
+    text, [(start, end)] = render_with_assistant_spans(processor, messages)
+    marker = text[start:end].split("y", 1)[1].strip()
+    ids = processor.tokenizer(marker, add_special_tokens=False).input_ids if marker else []
+    return ids[0] if ids else None
+
+
+def export_merged(model, processor, output_dir: Path) -> Path:
+    """Fold the LoRA weights into the base model and save what a server or a pipeline loads as is."""
+    merged = model.merge_and_unload()
+    merged.config.use_cache = True
+    if getattr(merged.config, "text_config", None) is not None:
+        merged.config.text_config.use_cache = True
+    eos = merged.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    end_of_turn = end_of_turn_token_id(processor)
+    merged.generation_config.eos_token_id = eos + ([end_of_turn] if end_of_turn is not None and end_of_turn not in eos else [])
+    merged.save_pretrained(output_dir, safe_serialization=True)
+    processor.save_pretrained(output_dir)
+    logger.info(f"Merged model written to {output_dir} (end of generation: {merged.generation_config.eos_token_id})")
+    return output_dir
+
+
+def run_on_saved_adapter(model_args, data_args, run_args, training_args):
+    """Without training: merge a saved adapter, or answer one question about one image."""
+    from peft import PeftModel
+
+    config, family, processor = load_processor(model_args)
+    model = load_model(model_args, training_args, config)
+    if run_args.adapter_path:
+        model = PeftModel.from_pretrained(model, run_args.adapter_path)
+    if run_args.merge_adapter:
+        if not run_args.adapter_path:
+            raise ValueError("--merge_adapter without --do_train needs --adapter_path (a saved adapter folder).")
+        export_merged(model, processor, Path(training_args.output_dir, "merged"))
+    if run_args.predict_image is None:
+        return None
+    schema = DatasetSchema("question_answer", "image", "question", "answer")
+    collator = VisionChatCollator(processor, family, schema, data_args)
+    generator = GenerationEvaluator(collator, EvaluationArguments(), batch_size=1)
+    feature = {"row": {"image": run_args.predict_image, "question": run_args.predict_question, "answer": "unused"},
+               "split": "command line", "row_index": 0}
+    answer = generator.generate(model.to(training_args.device), [feature])[0]["prediction"]
+    print(answer)
+    return answer
 
 
 def main(argv: Optional[list[str]] = None):
@@ -1804,6 +1938,10 @@ def main(argv: Optional[list[str]] = None):
     # Logging, seed, and pre-flight checks of the output folder.
     setup_logging(training_args)
     set_seed(training_args.seed)
+    if run_args.predict_image or (run_args.merge_adapter and not training_args.do_train):
+        return run_on_saved_adapter(model_args, data_args, run_args, training_args)
+    if data_args.dataset_name is None:
+        raise ValueError("--dataset_name is required (a Hub dataset id or a local path).")
     resume_checkpoint = checkpoint_to_resume(training_args)
     check_free_disk(training_args.output_dir, run_args.min_free_disk_gb)
 
@@ -1821,7 +1959,8 @@ def main(argv: Optional[list[str]] = None):
         skipped_rows.clear()
         Path(training_args.output_dir, "predictions.jsonl").unlink(missing_ok=True)
     collator = VisionChatCollator(
-        processor, family, schema, data_args, image_base_dir, skipped_rows, hpu_model_inputs(training_args)
+        processor, family, schema, data_args, image_base_dir, skipped_rows,
+        hpu_model_inputs(training_args) if family.hpu_attention_options else {},
     )
     if run_args.dry_run_data:
         return dry_run_data(collator, splits.get("train") or next(iter(splits.values())), run_args.dry_run_data,
@@ -1855,12 +1994,14 @@ def main(argv: Optional[list[str]] = None):
     if before:
         log_before_and_after(before, evaluated["eval"])
 
-    # Report rows that were skipped or truncated, once every rank has recorded its own.
+    # Report rows that were skipped or truncated, once every rank has recorded its own; export if asked.
     trainer.accelerator.wait_for_everyone()
     if training_args.should_save:
         report = skipped_rows.write_report(training_args.output_dir)
         if any(report.values()):
             logger.warning(f"Rows skipped or truncated, by reason: {report} (see skipped_rows.json)")
+        if run_args.merge_adapter and training_args.do_train:
+            export_merged(trainer.accelerator.unwrap_model(trainer.model), processor, Path(training_args.output_dir, "merged"))
     return trainer
 
 
