@@ -453,6 +453,8 @@ class ModelFamily:
     patches_per_image: Optional[Callable[[dict], list]] = None
     processor_call_kwargs: dict = field(default_factory=dict)
     hpu_attention_options: bool = False  # the optimum-habana port takes use_flash_attention & co.
+    # Loads the processor where AutoProcessor cannot (a video processor this script never uses needs torchvision).
+    image_only_processor: Optional[Callable[..., Any]] = None
 
 
 def llava_next_image_token_counts(processor, processed) -> list:
@@ -467,6 +469,21 @@ def llava_next_image_token_counts(processor, processed) -> list:
 
 def repeated_token_length(processor, count: int) -> int:
     return count * len(processor.image_token)
+
+
+def qwen2_5_vl_image_only_processor(path: str, **kwargs):
+    """Qwen2.5-VL's processor without its video half, whose video processor needs torchvision."""
+    from transformers import Qwen2_5_VLProcessor
+
+    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        attributes = ["image_processor", "tokenizer"]
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **init_kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **init_kwargs)
+
+    # Saved files name their processor class; name the real one, so AutoProcessor can load them elsewhere.
+    ImageOnlyQwen2_5_VLProcessor.__name__ = Qwen2_5_VLProcessor.__name__
+    return ImageOnlyQwen2_5_VLProcessor.from_pretrained(path, **kwargs)
 
 
 MODEL_FAMILIES = {
@@ -486,6 +503,7 @@ MODEL_FAMILIES = {
         expanded_length=repeated_token_length,
         image_inputs=("pixel_values", "image_grid_thw"),
         patches_per_image=lambda processed: [int(np.prod(grid)) for grid in processed["image_grid_thw"]],
+        image_only_processor=qwen2_5_vl_image_only_processor,
     ),
     "llava_next": ModelFamily(
         image_placeholder=lambda processor: processor.image_token,
@@ -1021,6 +1039,14 @@ class VisionChatCollator:
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.pad_token_id = processor.tokenizer.pad_token_id
 
+    def tokenizer_adds_bos(self, rendered: str) -> bool:
+        """Whether the tokenizer should add <bos>: only when the chat template did not write it already.
+
+        Gemma's template writes it (and its tokenizer would add a second one); LLaVA-NeXT's does not.
+        """
+        bos = self.processor.tokenizer.bos_token
+        return bool(bos) and not rendered.startswith(bos)
+
     def reject(self, feature: dict, error: InvalidRowError, action: str = "skipped") -> None:
         where = f"{feature['split']} row {feature['row_index']}"
         if action == "skipped" and self.data_args.invalid_rows == "error":
@@ -1058,7 +1084,7 @@ class VisionChatCollator:
         processed = self.processor(
             text=[text for _, text, _, _ in prepared],
             images=images if any(images) else None,
-            add_special_tokens=False,  # the chat template already wrote <bos>
+            add_special_tokens=self.tokenizer_adds_bos(prepared[0][1]),
             return_offsets_mapping=True,
             # Some processors build token_type_ids as one array, which needs equal lengths; rows are cut back
             # to their own length below and padded again by --padding_strategy.
@@ -1184,18 +1210,36 @@ class VisionChatCollator:
 
 
 def format_trained_tokens(tokenizer, input_ids, labels) -> str:
-    """Decode a row with trained tokens in [[...]] and runs of one repeated token collapsed, for the log."""
-    pieces, previous, repeat = [], None, 0
-    tokens = [(int(t), int(l) != IGNORE_INDEX) for t, l in zip(input_ids, labels)]
-    for position, (token, trained) in enumerate(tokens + [(None, False)]):
-        if (token, trained) == previous:
-            repeat += 1
+    """Decode a row with the trained stretches in [[...]] and long runs of one token (images) collapsed."""
+    ids = [int(t) for t in input_ids]
+    trained = [int(label) != IGNORE_INDEX for label in labels]
+    pieces, start = [], 0
+    while start < len(ids):
+        end = start + 1
+        while end < len(ids) and trained[end] == trained[start]:
+            end += 1
+        text = decode_collapsing_runs(tokenizer, ids[start:end])
+        pieces.append(f"[[{text}]]" if trained[start] else text)
+        start = end
+    return "".join(pieces)
+
+
+def decode_collapsing_runs(tokenizer, ids: list[int], min_run: int = 4) -> str:
+    """Decode whole stretches (so word spacing survives), writing a run of >= min_run equal tokens as tok×n."""
+    pieces, start = [], 0
+    while start < len(ids):
+        end = start
+        while end < len(ids) and ids[end] == ids[start]:
+            end += 1
+        if end - start >= min_run:
+            pieces.append(f"{tokenizer.decode([ids[start]], skip_special_tokens=False)}×{end - start}")
+            start = end
             continue
-        if previous is not None and previous[0] is not None:
-            text = tokenizer.decode([previous[0]], skip_special_tokens=False)
-            text = text * repeat if repeat < 4 else f"{text}×{repeat}"
-            pieces.append(f"[[{text}]]" if previous[1] else text)
-        previous, repeat = (token, trained), 1
+        stop = start
+        while stop < len(ids) and not (stop + min_run <= len(ids) and len(set(ids[stop:stop + min_run])) == 1):
+            stop += 1
+        pieces.append(tokenizer.decode(ids[start:stop], skip_special_tokens=False))
+        start = stop
     return "".join(pieces)
 
 
@@ -1241,7 +1285,7 @@ class GenerationEvaluator:
         inputs = self.processor(
             text=[p[1] for p in prepared],
             images=images if any(images) else None,
-            add_special_tokens=False,
+            add_special_tokens=self.collator.tokenizer_adds_bos(prepared[0][1]),
             padding="longest",
             padding_side="left",  # generation continues every row from the same position
             return_tensors="pt",
@@ -1835,7 +1879,13 @@ def load_processor(model_args: ModelArguments):
     """The processor, and the family entry picked from config.model_type (never from the model's name)."""
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
     family = model_family(config.model_type)
-    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
+    try:
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
+    except ImportError as e:
+        if family.image_only_processor is None or "torchvision" not in str(e).lower():
+            raise
+        logger.warning(f"Loading the processor without its video part ({e}); images and text work as usual.")
+        processor = family.image_only_processor(model_args.model_name_or_path, **hub_kwargs(model_args))
     if not processor.chat_template:
         raise ValueError(
             f"{model_args.model_name_or_path} has no chat template, which the collator needs to find the "

@@ -157,7 +157,7 @@ def test_loss_is_the_mean_over_trained_tokens_and_uses_the_window_count():
 def test_trained_sample_rendering_marks_trained_tokens(processor):
     batch = make_collator(processor)([feature({"image": RED, "question": "How many bars?", "answer": "3"})])
     shown = rlv.format_trained_tokens(processor.tokenizer, batch["input_ids"][0], batch["labels"][0])
-    assert shown.endswith("<start_of_turn>model\n[[3]][[<end_of_turn>]]\n")
+    assert shown.endswith("<start_of_turn>model\n[[3<end_of_turn>]]\n")
     assert "<image_soft_token>×4" in shown
 
 

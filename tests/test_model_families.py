@@ -1,0 +1,95 @@
+# Licensed under the Apache License, Version 2.0 (the "License").
+"""Every supported family (picked from config.model_type) through the same CLI, with the same checks."""
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText
+
+import run_lora_vlm as rlv
+import tiny_llava_next
+import tiny_qwen2_5_vl
+from conftest import train_argv
+
+END_OF_TURN = {"gemma3": "<end_of_turn>", "qwen2_5_vl": "<|im_end|>", "llava_next": "</s>"}
+
+
+@pytest.fixture(scope="module", params=["gemma3", "qwen2_5_vl", "llava_next"])
+def family_run(request, assets, tmp_path_factory):
+    """(family name, model folder, trainer, output folder) after a short training run."""
+    name = request.param
+    builders = {"qwen2_5_vl": tiny_qwen2_5_vl.write_assets, "llava_next": tiny_llava_next.write_assets}
+    model_dir = assets["model"] if name == "gemma3" else builders[name](str(tmp_path_factory.mktemp(name)))["model"]
+    output_dir = tmp_path_factory.mktemp(f"{name}_run")
+    trainer = rlv.main(train_argv(
+        {**assets, "model": model_dir}, output_dir, "--do_train", "--do_eval", "--max_steps", "6",
+        "--per_device_train_batch_size", "4", "--max_eval_samples", "4",
+    ))
+    return name, model_dir, trainer, output_dir
+
+
+def processor_for(model_dir):
+    return rlv.load_processor(rlv.ModelArguments(model_name_or_path=model_dir))[2]
+
+
+def test_family_comes_from_the_config_and_trains(family_run):
+    name, model_dir, trainer, output_dir = family_run
+    assert rlv.load_processor(rlv.ModelArguments(model_name_or_path=model_dir))[0].model_type == name
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert math.isfinite(results["eval_loss"]) and math.isfinite(results["train_loss"])
+
+
+def test_trained_tokens_are_exactly_the_answers(family_run):
+    name, model_dir, trainer, _ = family_run
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer.data_collator(rows)
+    tokenizer = processor_for(model_dir).tokenizer
+    for row, ids, labels in zip(rows, batch["input_ids"], batch["labels"]):
+        trained = tokenizer.decode(ids[labels != -100], skip_special_tokens=False)
+        assert trained.strip() == row["row"]["label"][0] + END_OF_TURN[name]
+
+
+def test_adapter_reload_gives_identical_logits_and_the_vision_tower_is_untouched(family_run):
+    _, model_dir, trainer, output_dir = family_run
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(2)])
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "row_ids")}
+    base = AutoModelForImageTextToText.from_pretrained(model_dir)
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        expected = trained(**inputs).logits
+        actual = PeftModel.from_pretrained(base, str(output_dir)).eval()(**inputs).logits
+    assert torch.allclose(actual, expected, atol=1e-5)
+    adapted = {k: v for k, v in trained.state_dict().items() if "lora_" not in k}
+    unchanged = 0
+    for name, value in reference.items():
+        matches = [v for k, v in adapted.items() if k.replace(".base_layer", "").endswith(name.split(".", 1)[-1])]
+        assert matches and any(torch.equal(v, value) for v in matches), name
+        unchanged += 1
+    vision = [k for k in reference if "vision" in k or "visual" in k]
+    assert vision and unchanged == len(reference)
+
+
+def test_merged_export_loads_and_answers_like_base_plus_adapter(family_run, tmp_path):
+    name, model_dir, _, output_dir = family_run
+    rlv.main(["--model_name_or_path", model_dir, "--adapter_path", str(output_dir), "--merge_adapter",
+              "--output_dir", str(tmp_path)])
+    merged = tmp_path / "merged"
+    model = AutoModelForImageTextToText.from_pretrained(str(merged))
+    end_of_turn = processor_for(model_dir).tokenizer.convert_tokens_to_ids(END_OF_TURN[name])
+    assert end_of_turn in model.generation_config.eos_token_id
+    image = tmp_path / "chart.png"
+    Image.new("RGB", (96, 64), (200, 40, 40)).save(image)
+    ask = ["--predict_image", str(image), "--predict_question", "Which bar is the tallest?", "--output_dir", str(tmp_path)]
+    with_adapter = rlv.main(["--model_name_or_path", model_dir, "--adapter_path", str(output_dir), *ask])
+    from_merged = rlv.main(["--model_name_or_path", str(merged), *ask])
+    assert isinstance(with_adapter, str) and with_adapter == from_merged
+
+
+def test_an_unsupported_model_type_names_the_supported_ones():
+    with pytest.raises(ValueError, match="Model type 'bert' is not supported; supported model types: gemma3, llava_next, qwen2_5_vl"):
+        rlv.model_family("bert")
