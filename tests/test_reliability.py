@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -120,7 +121,7 @@ def test_dry_run_checks_batches_without_loading_the_model(assets, tmp_path, monk
     with caplog.at_level("INFO"):
         checked = rlv.main(train_argv(assets, tmp_path, "--do_train", "--dry_run_data", "3", "--per_device_train_batch_size", "4"))
     assert checked == {"batches": 3, "rows": 12, "images": 12}
-    assert "[[<end_of_turn>]]" in caplog.text and "Dry run passed" in caplog.text
+    assert re.search(r"model\n\[\[[^\[\]]+<end_of_turn>\]\]", caplog.text) and "Dry run passed" in caplog.text
 
 
 def test_too_little_disk_space_fails_before_loading_anything(assets, tmp_path, monkeypatch):
