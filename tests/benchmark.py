@@ -1,0 +1,783 @@
+# Licensed under the Apache License, Version 2.0 (the "License").
+"""Performance benchmark for run_lora_vlm.py: offline, on a CPU, against the issue tracker's targets.
+
+Run from the repository root (it is a script, not a pytest module)::
+
+    python tests/benchmark.py            # full run, about 2.5 minutes on 2 CPU cores
+    python tests/benchmark.py --quick    # fewer repetitions, about 1.5 minutes
+    python tests/benchmark.py --only 1 3 # some sections only; --profile always prints the collator profile
+
+It prints one table and exits 1 if a target is missed (or a section failed), else 0. Everything is
+built on the spot from `tests/tiny_assets.py` into a temporary folder; nothing is downloaded.
+
+What the numbers mean:
+
+1. Collator throughput at Gemma 3's real image size. A processor like tiny_assets' but resizing to
+   896x896 with 256 image tokens per image, and batches of 8 ChartQA-like rows (bar charts drawn
+   with PIL at about 800x600, RGB, already decoded in memory). "collator" is examples/s of
+   `VisionChatCollator(...)(features)`; "bare" is examples/s of the least a pipeline must do for the
+   same batches: `processor.apply_chat_template` per row, then one
+   `processor(text=..., images=[[img], ...], add_special_tokens=False, padding="longest",
+   return_tensors="pt")` call. The two are timed one batch at a time, alternately (A B, B A, ...), after
+   a warm-up; the ratio is the median over those adjacent pairs of bare time / collator time, i.e. the
+   collator's throughput as a share of the bare processor's (32 pairs, full: 64). Target: >= 0.95.
+   Also shown: the spread of the pair ratios (how noisy the machine is), and each side's median time
+   inside the Gemma3Processor call and outside it (the collator's own work: reading rows, rendering,
+   labels, padding, stacking pixels; the bare side's: rendering). Below target, a cProfile of the
+   collator is printed.
+2. Start-up seconds from calling `run_lora_vlm.main([... --do_train --max_steps 1])` to the trainer's
+   first `on_step_begin` (the sample that main() logs through the collator is before that and is
+   included), with the tiny model, on a local `save_to_disk` ChartQA-schema set of 200 and of 20,000
+   rows (64x48 PNG charts). All runs are complete main() calls in one fresh process, where torch,
+   transformers, peft and datasets are imported before any clock starts: first a warm-up main() on a
+   third, 20-row set (shown: the one-off cost of a process's first run), then the two sizes alternately
+   (A B B A ...), 4 runs each (full: 8), keeping each size's minimum. Also shown: when the data, the
+   LoRA model and the trainer were ready. Target: 20,000-row / 200-row start-up <= 1.3.
+3. Padding per strategy over one epoch of a shuffled mixed-length set (questions and answers of about
+   10 to 400 tokens, log-uniform; the tiny 32x32 processor with 4 image tokens), batch size 4,
+   --max_seq_length 512 and the default buckets (128, 256, 384, 512). "pad" is the share of batch
+   positions that are padding (attention_mask 0); "shapes" is the number of distinct (batch, length)
+   tensor shapes, which in Gaudi lazy mode is the number of graph compilations (the row count is a
+   multiple of 4, so no short last batch adds a shape). Targets: bucket has <= 4 shapes and less
+   padding than max_length.
+4. Training samples/s on CPU (no target): `run_lora_vlm.main` with --max_steps 10 (quick: 5),
+   batch size 4, on a random Gemma 3 of a few million parameters (text: hidden 256, 4 layers; SigLIP:
+   64x64 images, 16 image tokens), as the trainer's `train_samples_per_second`, with torch's default
+   thread count and (full run only) with one thread: on a small or busy CPU, OpenMP threads that wait
+   for each other can make the default several times slower. Also shown: the share of the training
+   run spent inside the collator.
+
+Timings are wall-clock on a possibly shared machine; the pairing, medians and minimums above are there
+to keep other processes' load out of the ratios, but absolute numbers vary from machine to machine.
+"""
+
+import argparse
+import cProfile
+import gc
+import io
+import json
+import math
+import os
+import pstats
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+os.environ.update(OFFLINE_ENV)
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+for _path in (REPO_ROOT, TESTS_DIR):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+RESULT_MARKER = "@@BENCHMARK_RESULT@@ "
+
+# Targets from the issue tracker.
+COLLATOR_RATIO_TARGET = 0.95
+STARTUP_RATIO_TARGET = 1.3
+BUCKET_SHAPES_TARGET = 4
+
+# Section 1: Gemma 3's real vision input.
+REAL_IMAGE_SIZE = 896
+REAL_IMAGE_TOKENS = 256
+COLLATOR_BATCH_SIZE = 8
+CHART_SIZES = [(800, 600), (850, 600), (800, 550), (760, 600)]
+
+# Section 2.
+STARTUP_SIZES = (200, 20_000)
+STARTUP_IMAGE_SIZE = (64, 48)
+
+# Section 3.
+PAD_MAX_SEQ_LENGTH = 512
+PAD_BATCH_SIZE = 4
+
+# Section 4: a small, but not tiny, Gemma 3.
+SMALL_IMAGE_SIZE = 64
+SMALL_PATCH_SIZE = 8
+SMALL_IMAGE_TOKENS = 16
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared builders
+# ---------------------------------------------------------------------------------------------------
+
+
+def gemma3_image_processor(size: int):
+    """Gemma 3's image processor settings (as in tiny_assets) at a given square size."""
+    from transformers import Gemma3ImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    return Gemma3ImageProcessor(
+        do_resize=True,
+        size={"height": size, "width": size},
+        resample=PILImageResampling.BILINEAR,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_convert_rgb=True,
+        do_pan_and_scan=False,
+    )
+
+
+def gemma3_processor(tokenizer, image_size: int, image_tokens: int):
+    import tiny_assets
+    from transformers import Gemma3Processor
+
+    return Gemma3Processor(
+        image_processor=gemma3_image_processor(image_size),
+        tokenizer=tokenizer,
+        chat_template=tiny_assets.GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=image_tokens,
+    )
+
+
+def draw_bar_chart(width: int, height: int, rng: random.Random):
+    """A ChartQA-looking bar chart: title, grid lines, labelled coloured bars on white (RGB)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = width // 10, width - width // 20, height // 8, height - height // 8
+    draw.text((left, top // 3), f"Share of respondents, {rng.randint(2000, 2024)}", fill=(20, 20, 20))
+    for k in range(6):
+        y = bottom - (bottom - top) * k // 5
+        draw.line([(left, y), (right, y)], fill=(220, 220, 220), width=1)
+        draw.text((left - 30, y - 5), f"{20 * k}%", fill=(90, 90, 90))
+    count = rng.randint(3, 9)
+    slot = (right - left) // count
+    for i in range(count):
+        value = rng.uniform(0.05, 1.0)
+        x0 = left + i * slot + slot // 6
+        x1 = left + (i + 1) * slot - slot // 6
+        colour = tuple(rng.randint(30, 220) for _ in range(3))
+        draw.rectangle([x0, bottom - int(value * (bottom - top)), x1, bottom], fill=colour)
+        draw.text((x0, bottom + 6), f"Item {i + 1}", fill=(20, 20, 20))
+        draw.text((x0, bottom - int(value * (bottom - top)) - 14), f"{100 * value:.1f}", fill=(20, 20, 20))
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill=(0, 0, 0), width=2)
+    return image
+
+
+def qa_messages(question: str, answer: str) -> list:
+    """The canonical chat the collator builds for a question-answer row (one image, then the question)."""
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+
+
+def make_collator(processor, columns, **data_flags):
+    import run_lora_vlm as rlv
+
+    data_args = rlv.DataArguments(dataset_name="benchmark", **data_flags)
+    schema = rlv.detect_schema(list(columns), data_args)
+    return rlv.VisionChatCollator(processor, rlv.MODEL_FAMILIES["gemma3"], schema, data_args)
+
+
+def as_features(rows, split="train"):
+    return [{"row": row, "split": split, "row_index": i} for i, row in enumerate(rows)]
+
+
+def chartqa_features():
+    import datasets
+
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "query": datasets.Value("string"),
+            "label": datasets.Sequence(datasets.Value("string")),
+            "human_or_machine": datasets.ClassLabel(names=["human", "machine"]),
+        }
+    )
+
+
+def run_child(kind: str, spec: dict, timeout: float = 600, extra_env: dict = None):
+    """Run one `main()` measurement in a fresh Python process and return its result."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(spec)]
+    env = {**os.environ, **OFFLINE_ENV, **(extra_env or {})}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER):])
+    tail = (done.stdout + done.stderr)[-4000:]
+    raise RuntimeError(f"benchmark child '{kind}' failed (exit {done.returncode}):\n{tail}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Collator throughput at 896x896
+# ---------------------------------------------------------------------------------------------------
+
+
+def bench_collator(tokenizer, quick: bool, profile: bool) -> dict:
+    import torch  # noqa: F401  (imported before timing)
+
+    num_batches, pairs = (2, 32) if quick else (4, 64)
+    processor = gemma3_processor(tokenizer, REAL_IMAGE_SIZE, REAL_IMAGE_TOKENS)
+    rng = random.Random(1)
+    questions = [
+        "What is the value of Item 3?",
+        "Which item has the highest share of respondents?",
+        "What is the difference between the largest and the smallest bar?",
+        "How many items are shown in the chart?",
+        "Is the share of Item 2 greater than the average of all items?",
+    ]
+    batches = []
+    for b in range(num_batches):
+        rows = []
+        for i in range(COLLATOR_BATCH_SIZE):
+            width, height = CHART_SIZES[(b * COLLATOR_BATCH_SIZE + i) % len(CHART_SIZES)]
+            rows.append(
+                {
+                    "image": draw_bar_chart(width, height, rng),
+                    "query": rng.choice(questions),
+                    "label": [rng.choice(["Item 4", "37.5", "6", "Yes", "No", "12.25"])],
+                    "human_or_machine": rng.randint(0, 1),
+                }
+            )
+        batches.append(rows)
+    collator = make_collator(processor, ["image", "query", "label", "human_or_machine"])
+    feature_batches = [as_features(rows) for rows in batches]
+
+    def run_collator(b):
+        return collator(feature_batches[b])
+
+    def run_bare(b, **extra):
+        rows = batches[b]
+        texts = [
+            processor.apply_chat_template(qa_messages(row["query"], row["label"][0]), tokenize=False) for row in rows
+        ]
+        return processor(
+            text=texts,
+            images=[[row["image"]] for row in rows],
+            add_special_tokens=False,
+            padding="longest",
+            return_tensors="pt",
+            **extra,
+        )
+
+    # Same tokens and pixels, so the two really do the same job.
+    for b in range(num_batches):
+        ours, bare = run_collator(b), run_bare(b, padding_side="right")
+        if not (ours["input_ids"].equal(bare["input_ids"]) and ours["pixel_values"].equal(bare["pixel_values"])):
+            raise AssertionError("collator and bare processor disagree on tokens or pixels; the comparison is void")
+    sequence_length = ours["input_ids"].shape[1]
+
+    # Time spent inside the processor call, to tell the collator's own work apart from the processor's.
+    processor_class = type(processor)
+    processor_call = processor_class.__call__
+    inside = {"seconds": 0.0}
+
+    def timed_processor_call(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return processor_call(self, *args, **kwargs)
+        finally:
+            inside["seconds"] += time.perf_counter() - start
+
+    # One batch per call and the order alternating A B, B A, ...: the machine's speed drifts (other processes,
+    # shared cores), and the two halves of a pair see nearly the same machine.
+    samples = {"collator": [], "bare": []}
+    processor_class.__call__ = timed_processor_call
+    try:
+        for b in range(num_batches):  # warm-up
+            run_bare(b)
+            run_collator(b)
+        for pair in range(pairs):
+            b = pair % num_batches
+            order = [("collator", run_collator), ("bare", run_bare)]
+            gc.collect()
+            for name, fn in order if pair % 4 in (0, 3) else reversed(order):
+                inside["seconds"] = 0.0
+                start = time.perf_counter()
+                fn(b)
+                total = time.perf_counter() - start
+                samples[name].append((total, inside["seconds"]))
+    finally:
+        processor_class.__call__ = processor_call
+    collator_times = [t for t, _ in samples["collator"]]
+    bare_times = [t for t, _ in samples["bare"]]
+    pair_ratios = sorted(b / c for c, b in zip(collator_times, bare_times))
+    decile = max(0, len(pair_ratios) // 10)
+    result = {
+        "collator_eps": COLLATOR_BATCH_SIZE / statistics.median(collator_times),
+        "bare_eps": COLLATOR_BATCH_SIZE / statistics.median(bare_times),
+        "ratio": statistics.median(pair_ratios),
+        "pair_ratio_range": (pair_ratios[decile], pair_ratios[-1 - decile]),
+        "collator_outside_ms": 1000 * statistics.median(t - p for t, p in samples["collator"]),
+        "bare_outside_ms": 1000 * statistics.median(t - p for t, p in samples["bare"]),
+        "collator_processor_ms": 1000 * statistics.median(p for _, p in samples["collator"]),
+        "bare_processor_ms": 1000 * statistics.median(p for _, p in samples["bare"]),
+        "pairs": pairs,
+        "sequence_length": sequence_length,
+    }
+    if profile or result["ratio"] < COLLATOR_RATIO_TARGET:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for b in range(num_batches):
+            run_collator(b)
+        profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
+        result["profile"] = out.getvalue()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Start-up time against dataset size
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_tiny_model(tokenizer, folder: Path) -> str:
+    import tiny_assets
+
+    processor = tiny_assets.build_processor(tokenizer)
+    model = tiny_assets.build_model(processor)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+def write_startup_dataset(num_rows: int, folder: Path) -> str:
+    """A ChartQA-schema save_to_disk set of `num_rows` rows, from 64 distinct small PNG charts reused."""
+    import datasets
+    import tiny_assets
+
+    charts = tiny_assets.make_chart_rows(64, seed=7)
+    pngs = []
+    for row in charts:
+        buffer = io.BytesIO()
+        row["image"].resize(STARTUP_IMAGE_SIZE).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    columns = {
+        "image": [{"bytes": pngs[i % len(pngs)], "path": None} for i in range(num_rows)],
+        "query": [charts[i % len(charts)]["query"] for i in range(num_rows)],
+        "label": [charts[i % len(charts)]["label"] for i in range(num_rows)],
+        "human_or_machine": [i % 2 for i in range(num_rows)],
+    }
+    train = datasets.Dataset.from_dict(columns, features=chartqa_features())
+    datasets.DatasetDict({"train": train}).save_to_disk(str(folder))
+    return str(folder)
+
+
+def startup_order(num_pairs: int) -> list:
+    """Sizes in A B B A B A A B ... order, so a drift over the runs (a growing heap, other load) hits both."""
+    small, large = STARTUP_SIZES
+    order = []
+    for pair in range(num_pairs):
+        order += [small, large] if pair % 4 in (0, 3) else [large, small]
+    return order
+
+
+def bench_startup(tokenizer, workdir: Path, quick: bool) -> dict:
+    model_dir = write_tiny_model(tokenizer, workdir / "tiny_model")
+    data_dirs = {}
+    build_seconds = {}
+    for num_rows in STARTUP_SIZES:
+        start = time.perf_counter()
+        data_dirs[num_rows] = write_startup_dataset(num_rows, workdir / f"startup_{num_rows}")
+        build_seconds[num_rows] = time.perf_counter() - start
+    # The first main() of a process pays one-off costs (lazy imports, first allocations) whatever the data;
+    # it runs on a third set so that neither measured set is favoured.
+    warmup_dir = write_startup_dataset(20, workdir / "startup_warmup")
+    order = startup_order(4 if quick else 8)
+    runs = [("warmup", warmup_dir)] + [(n, data_dirs[n]) for n in order]
+    spec = {"model": model_dir, "output_dir": str(workdir / "startup_out"), "runs": [[str(n), d] for n, d in runs]}
+    marks = run_child("startup", spec)
+    by_size = {n: [m for (label, _), m in zip(runs, marks) if label == n] for n in STARTUP_SIZES}
+    best = {n: min(by_size[n], key=lambda m: m["first_step"]) for n in STARTUP_SIZES}
+    small, large = STARTUP_SIZES
+    return {
+        "best": best,
+        "all": {n: [m["first_step"] for m in by_size[n]] for n in STARTUP_SIZES},
+        "ratio": best[large]["first_step"] / best[small]["first_step"],
+        "warmup": marks[0],
+        "build_seconds": build_seconds,
+    }
+
+
+def child_startup(spec: dict) -> list:
+    """In a fresh process, for each run: seconds from main() to the trainer's first step, and milestones.
+
+    Every run is a complete main() call up to the first `on_step_begin`, where a callback stops it.
+    """
+    import accelerate  # noqa: F401  (module imports are paid before any clock starts)
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import transformers
+
+    import run_lora_vlm as rlv
+
+    clock = {"t0": None, "marks": None}
+
+    def since_start():
+        return time.perf_counter() - clock["t0"]
+
+    class FirstStepReached(Exception):
+        pass
+
+    class FirstStepProbe(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            clock["marks"]["first_step"] = since_start()
+            raise FirstStepReached()
+
+    def milestone(name, function, then=None):
+        def wrapped(*args, **kwargs):
+            value = function(*args, **kwargs)
+            if then is not None:
+                then(value)
+            clock["marks"][name] = since_start()
+            return value
+
+        return wrapped
+
+    rlv.prepare_splits = milestone("data_ready", rlv.prepare_splits)
+    rlv.apply_lora = milestone("model_ready", rlv.apply_lora)
+    rlv.build_trainer = milestone("trainer_ready", rlv.build_trainer, then=lambda t: t.add_callback(FirstStepProbe()))
+    results = []
+    for index, (label, dataset) in enumerate(spec["runs"]):
+        argv = [
+            "--model_name_or_path", spec["model"], "--dataset_name", dataset,
+            "--output_dir", os.path.join(spec["output_dir"], f"{index}_{label}"), "--overwrite_output_dir",
+            "--do_train", "--max_steps", "1", "--per_device_train_batch_size", "8",
+            "--report_to", "none", "--save_strategy", "no", "--seed", "0", "--dataloader_pin_memory", "False",
+        ]
+        gc.collect()  # the previous run's trainer and model are garbage by now
+        clock["marks"] = {}
+        clock["t0"] = time.perf_counter()
+        try:
+            rlv.main(argv)
+        except FirstStepReached:
+            pass
+        else:
+            raise RuntimeError("main() returned without reaching a training step")
+        results.append(clock["marks"])
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Padding and batch shapes per strategy
+# ---------------------------------------------------------------------------------------------------
+
+
+def single_token_words(tokenizer) -> list:
+    """Plain ASCII words that the tiny tokenizer keeps as one token each (with their leading space)."""
+    pieces = [p[1:] for p in tokenizer.get_vocab() if p.startswith("\u2581") and p[1:].isascii() and p[1:].isalpha()]
+    return sorted(w for w in pieces if len(tokenizer.tokenize(" " + w)) == 1)
+
+
+def mixed_length_rows(tokenizer, num_rows: int, seed: int = 3) -> list:
+    """Rows whose question + answer text runs from about 10 to 400 tokens, log-uniformly (mostly short)."""
+    import tiny_assets
+
+    words = single_token_words(tokenizer)
+    charts = tiny_assets.make_chart_rows(16, seed=seed)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num_rows):
+        text_tokens = int(round(math.exp(rng.uniform(math.log(10), math.log(400)))))
+        answer_tokens = max(1, int(text_tokens * rng.uniform(0.1, 0.6)))
+        question_tokens = max(1, text_tokens - answer_tokens)
+        question = " ".join(rng.choice(words) for _ in range(question_tokens)).capitalize() + "?"
+        answer = " ".join(rng.choice(words) for _ in range(answer_tokens)).capitalize()
+        rows.append({"image": charts[i % len(charts)]["image"], "question": question, "answer": answer})
+    return rows
+
+
+def bench_padding(tokenizer, quick: bool) -> dict:
+    import numpy as np
+    import tiny_assets
+
+    processor = tiny_assets.build_processor(tokenizer)
+    num_rows = 200 if quick else 600
+    rows = mixed_length_rows(tokenizer, num_rows)
+    features = as_features(rows)
+    order = np.random.default_rng(0).permutation(num_rows)
+    batches = [[features[i] for i in order[s:s + PAD_BATCH_SIZE]] for s in range(0, num_rows, PAD_BATCH_SIZE)]
+    results = {}
+    lengths = []
+    for strategy in ("longest", "max_length", "bucket"):
+        collator = make_collator(
+            processor, ["image", "question", "answer"], padding_strategy=strategy, max_seq_length=PAD_MAX_SEQ_LENGTH
+        )
+        shapes, positions, real = set(), 0, 0
+        for batch in batches:
+            out = collator(batch)
+            shapes.add(tuple(out["input_ids"].shape))
+            positions += out["attention_mask"].numel()
+            real += int(out["attention_mask"].sum())
+            if strategy == "longest":
+                lengths.extend(out["attention_mask"].sum(dim=1).tolist())
+        results[strategy] = {
+            "pad_fraction": 1 - real / positions,
+            "shapes": len(shapes),
+            "positions": positions,
+            "buckets": list(collator.data_args.length_buckets) if strategy == "bucket" else None,
+        }
+    results["rows"] = num_rows
+    results["batches"] = len(batches)
+    results["row_lengths"] = (min(lengths), int(statistics.median(lengths)), max(lengths))
+    results["real_tokens"] = real
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Training throughput on CPU
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_small_model(tokenizer, folder: Path) -> tuple:
+    """A random Gemma 3 of a few million parameters wired to the tiny tokenizer; returns (path, parameters)."""
+    import torch
+    import tiny_assets
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    processor = gemma3_processor(tokenizer, SMALL_IMAGE_SIZE, SMALL_IMAGE_TOKENS)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    eos = [tokenizer.eos_token_id, end_of_turn]
+    text = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
+        max_position_embeddings=2048, sliding_window=64,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        image_size=SMALL_IMAGE_SIZE, patch_size=SMALL_PATCH_SIZE, num_channels=3, vision_use_head=False,
+    )
+    config = Gemma3Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=SMALL_IMAGE_TOKENS,
+        boi_token_index=tokenizer.convert_tokens_to_ids(tiny_assets.BOI_TOKEN),
+        eoi_token_index=tokenizer.convert_tokens_to_ids(tiny_assets.EOI_TOKEN),
+        image_token_index=tokenizer.image_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+    )
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config)
+    model.generation_config = tiny_assets.build_generation_config(tokenizer)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return str(folder), sum(p.numel() for p in model.parameters())
+
+
+def bench_training(tokenizer, workdir: Path, quick: bool) -> dict:
+    import tiny_assets
+
+    model_dir, parameters = write_small_model(tokenizer, workdir / "small_model")
+    data_dir = workdir / "train_chartqa"
+    tiny_assets.build_chartqa(n_train=64, n_val=8, n_test=8).save_to_disk(str(data_dir))
+    max_steps = 5 if quick else 10
+    runs = []
+    # torch's default thread count, then (full run) a single thread: on a small or shared CPU the second
+    # is often faster, and the difference says how much of the number is the machine rather than the script.
+    for threads in [None] if quick else [None, 1]:
+        spec = {"model": model_dir, "dataset": str(data_dir), "output_dir": str(workdir / f"train_out_{threads}"),
+                "max_steps": max_steps, "batch_size": 4}
+        extra_env = None if threads is None else {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        runs.append(run_child("train", spec, extra_env=extra_env))
+    return {"runs": runs, "parameters": parameters, "max_steps": max_steps, "batch_size": 4}
+
+
+def child_train(spec: dict) -> dict:
+    """In a fresh process: a short training run; the trainer's throughput and the collator's share of it."""
+    import transformers
+
+    import run_lora_vlm as rlv
+
+    state = {"training": False, "collator_seconds": 0.0, "batches": 0}
+    collate = rlv.VisionChatCollator.__call__
+
+    def timed_collate(self, features):
+        start = time.perf_counter()
+        try:
+            return collate(self, features)
+        finally:
+            if state["training"]:
+                state["collator_seconds"] += time.perf_counter() - start
+                state["batches"] += 1
+
+    class TrainingWindow(transformers.TrainerCallback):
+        def on_train_begin(self, args, state_, control, **kwargs):
+            state["training"] = True
+
+        def on_train_end(self, args, state_, control, **kwargs):
+            state["training"] = False
+
+    rlv.VisionChatCollator.__call__ = timed_collate
+    build_trainer = rlv.build_trainer
+
+    def build_and_watch(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        trainer.add_callback(TrainingWindow())
+        return trainer
+
+    rlv.build_trainer = build_and_watch
+    argv = [
+        "--model_name_or_path", spec["model"], "--dataset_name", spec["dataset"], "--output_dir", spec["output_dir"],
+        "--overwrite_output_dir", "--do_train", "--max_steps", str(spec["max_steps"]),
+        "--per_device_train_batch_size", str(spec["batch_size"]), "--learning_rate", "1e-3",
+        "--report_to", "none", "--save_strategy", "no", "--seed", "0", "--dataloader_pin_memory", "False",
+        "--logging_steps", "1000",
+    ]
+    rlv.main(argv)
+    metrics = json.loads(Path(spec["output_dir"], "train_results.json").read_text())
+    return {
+        "samples_per_second": metrics["train_samples_per_second"],
+        "runtime": metrics["train_runtime"],
+        "collator_seconds": state["collator_seconds"],
+        "collator_batches": state["batches"],
+        "torch_threads": __import__("torch").get_num_threads(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+
+
+class Table:
+    def __init__(self):
+        self.rows = []  # (measurement, value, target, status)
+        self.failed = False
+
+    def add(self, measurement, value, target="", ok=None):
+        status = "" if ok is None else ("PASS" if ok else "FAIL")
+        if ok is False:
+            self.failed = True
+        self.rows.append((measurement, value, target, status))
+
+    def error(self, section, error):
+        self.failed = True
+        self.rows.append((f"{section}: ERROR", f"{type(error).__name__}: {error}".splitlines()[0][:60], "", "FAIL"))
+
+    def render(self) -> str:
+        header = ("Measurement", "Value", "Target", "Result")
+        widths = [max(len(str(r[i])) for r in self.rows + [header]) for i in range(4)]
+        line = "-+-".join("-" * w for w in widths)
+        out = [" | ".join(str(h).ljust(w) for h, w in zip(header, widths)), line]
+        for row in self.rows:
+            out.append(" | ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        return "\n".join(out)
+
+
+def report_collator(table: Table, r: dict) -> None:
+    table.add(f"1. collator, {REAL_IMAGE_SIZE}px / {REAL_IMAGE_TOKENS} tok, batch {COLLATOR_BATCH_SIZE} (ex/s)",
+              f"{r['collator_eps']:.2f}")
+    table.add("   bare apply_chat_template + processor (ex/s)", f"{r['bare_eps']:.2f}")
+    table.add(f"   ratio collator/bare (median of {r['pairs']} pairs)", f"{r['ratio']:.3f}",
+              f">= {COLLATOR_RATIO_TARGET}", r["ratio"] >= COLLATOR_RATIO_TARGET)
+    table.add("   pair ratios, 10th-90th percentile (noise)", "{:.3f} - {:.3f}".format(*r["pair_ratio_range"]))
+    table.add("   ms/batch in processor call: collator / bare",
+              f"{r['collator_processor_ms']:.0f} / {r['bare_processor_ms']:.0f}")
+    table.add("   ms/batch outside it: collator / bare",
+              f"{r['collator_outside_ms']:.1f} / {r['bare_outside_ms']:.1f}")
+
+
+def report_startup(table: Table, r: dict) -> None:
+    small, large = STARTUP_SIZES
+    table.add("2. start-up, first main() in the process (20 rows, s)", f"{r['warmup']['first_step']:.2f}  (warm-up)")
+    for n in STARTUP_SIZES:
+        b = r["best"][n]
+        runs = ", ".join(f"{s:.2f}" for s in r["all"][n])
+        table.add(f"   start-up to first step, {n:,} rows (s)", f"{b['first_step']:.2f}  (min of {runs})")
+        table.add(f"   {n:,} rows: data / LoRA model / trainer ready (s)",
+                  f"{b['data_ready']:.2f} / {b['model_ready']:.2f} / {b['trainer_ready']:.2f}")
+    table.add(f"   ratio {large:,}/{small:,}", f"{r['ratio']:.3f}", f"<= {STARTUP_RATIO_TARGET}",
+              r["ratio"] <= STARTUP_RATIO_TARGET)
+
+
+def report_padding(table: Table, r: dict) -> None:
+    lo, med, hi = r["row_lengths"]
+    table.add(f"3. padding: {r['rows']} rows, batch {PAD_BATCH_SIZE}, max {PAD_MAX_SEQ_LENGTH}",
+              f"{r['batches']} batches, rows {lo}-{hi} tok (median {med})")
+    for strategy in ("longest", "max_length", "bucket"):
+        s = r[strategy]
+        value = f"pad {100 * s['pad_fraction']:.1f}%, {s['shapes']} shapes, {s['positions']:,} positions"
+        if strategy == "bucket":
+            table.add(f"   bucket {s['buckets']}: shapes", value, f"<= {BUCKET_SHAPES_TARGET} shapes",
+                      s["shapes"] <= BUCKET_SHAPES_TARGET)
+            table.add("   bucket vs max_length: pad", f"{100 * s['pad_fraction']:.1f}% vs "
+                      f"{100 * r['max_length']['pad_fraction']:.1f}%", "< max_length",
+                      s["pad_fraction"] < r["max_length"]["pad_fraction"])
+        else:
+            table.add(f"   {strategy}", value)
+
+
+def report_training(table: Table, r: dict) -> None:
+    table.add(f"4. training: random Gemma 3, {r['parameters'] / 1e6:.1f}M params, batch {r['batch_size']}, "
+              f"{r['max_steps']} steps", "")
+    for run in r["runs"]:
+        threads = run["torch_threads"]
+        share = run["collator_seconds"] / run["runtime"] if run["runtime"] else float("nan")
+        table.add(f"   {threads} torch thread{'s' if threads > 1 else ''}: train_samples_per_second",
+                  f"{run['samples_per_second']:.2f}", "(no target)")
+        table.add(f"   {threads} torch thread{'s' if threads > 1 else ''}: train runtime / in collator (s)",
+                  f"{run['runtime']:.2f} / {run['collator_seconds']:.2f} ({100 * share:.0f}%)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions; under about two minutes")
+    parser.add_argument("--only", nargs="+", type=int, choices=[1, 2, 3, 4], help="run only these sections")
+    parser.add_argument("--profile", action="store_true", help="always print the collator's cProfile")
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        kind, spec = args.child
+        result = {"startup": child_startup, "train": child_train}[kind](json.loads(spec))
+        print(RESULT_MARKER + json.dumps(result), flush=True)
+        return 0
+
+    sections = set(args.only or [1, 2, 3, 4])
+    started = time.perf_counter()
+    table = Table()
+    profile_text = None
+    import tiny_assets
+
+    tokenizer = tiny_assets.build_tokenizer()
+    with tempfile.TemporaryDirectory(prefix="run_lora_vlm_bench_") as tmp:
+        workdir = Path(tmp)
+        plan = [
+            (1, "1. collator", lambda: bench_collator(tokenizer, args.quick, args.profile), report_collator),
+            (2, "2. start-up", lambda: bench_startup(tokenizer, workdir, args.quick), report_startup),
+            (3, "3. padding", lambda: bench_padding(tokenizer, args.quick), report_padding),
+            (4, "4. training", lambda: bench_training(tokenizer, workdir, args.quick), report_training),
+        ]
+        for number, name, run, report in plan:
+            if number not in sections:
+                continue
+            section_start = time.perf_counter()
+            print(f"[benchmark] {name} ...", file=sys.stderr, flush=True)
+            try:
+                result = run()
+            except Exception as error:  # one failed section must not hide the others
+                import traceback
+
+                traceback.print_exc()
+                table.error(name, error)
+                continue
+            report(table, result)
+            profile_text = result.get("profile", profile_text) if isinstance(result, dict) else profile_text
+            print(f"[benchmark] {name} done in {time.perf_counter() - section_start:.1f}s", file=sys.stderr, flush=True)
+
+    mode = "quick" if args.quick else "full"
+    print(f"\nrun_lora_vlm benchmark ({mode}, {os.cpu_count()} CPUs, {time.perf_counter() - started:.0f}s)\n")
+    print(table.render())
+    if profile_text:
+        print("\nCollator profile (cProfile, cumulative):\n" + profile_text)
+    print("\nRESULT: " + ("some targets missed" if table.failed else "all targets met"))
+    return 1 if table.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
