@@ -332,17 +332,32 @@ def build_generation_config(tokenizer):
     )
 
 
+def random_model(model_class, config, generation_config, seed=0):
+    """A randomly initialised ``model_class(config)`` (float32, eval mode), the same for the same seed.
+
+    Shared by this module and the other families' tiny builders (tiny_qwen2_5_vl, tiny_llava_next).
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.generation_config = generation_config
+    return model.eval()
+
+
+def save_model_and_processor(model, processor, model_dir):
+    """Save both where ``AutoModelForImageTextToText`` / ``AutoProcessor`` load them offline."""
+    model.save_pretrained(model_dir, safe_serialization=True)
+    processor.save_pretrained(model_dir)
+    return model_dir
+
+
 def build_model(processor, seed=0):
     """Return a tiny randomly initialised ``Gemma3ForConditionalGeneration`` (float32, eval mode)."""
-    import torch
     from transformers import Gemma3ForConditionalGeneration
 
     tokenizer = processor.tokenizer
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(build_config(tokenizer))
-    model.generation_config = build_generation_config(tokenizer)
-    model.eval()
-    return model
+    return random_model(Gemma3ForConditionalGeneration, build_config(tokenizer), build_generation_config(tokenizer), seed)
 
 
 def _draw_chart(values, colours):
@@ -441,9 +456,7 @@ def write_assets(output_dir, n_train=64, n_val=16, n_test=16, seed=0):
 
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
-    model = build_model(processor, seed=seed)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    processor.save_pretrained(model_dir)
+    save_model_and_processor(build_model(processor, seed=seed), processor, model_dir)
 
     build_chartqa(n_train, n_val, n_test, seed=seed).save_to_disk(data_dir)
     return {"model": model_dir, "dataset": data_dir}

@@ -385,15 +385,10 @@ def build_generation_config(tokenizer):
 
 def build_model(processor, seed=0):
     """Return a tiny randomly initialised ``Qwen2_5_VLForConditionalGeneration`` (float32, eval)."""
-    import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     tokenizer = processor.tokenizer
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(build_config(tokenizer))
-    model.generation_config = build_generation_config(tokenizer)
-    model.eval()
-    return model
+    return tiny_assets.random_model(Qwen2_5_VLForConditionalGeneration, build_config(tokenizer), build_generation_config(tokenizer), seed)
 
 
 def write_assets(output_dir, seed=0):
@@ -405,12 +400,8 @@ def write_assets(output_dir, seed=0):
     model_dir = os.path.join(output_dir, "qwen2_5_vl")
     os.makedirs(output_dir, exist_ok=True)
 
-    tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    model = build_model(processor, seed=seed)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    processor.save_pretrained(model_dir)
-    return {"model": model_dir}
+    processor = build_processor(build_tokenizer())
+    return {"model": tiny_assets.save_model_and_processor(build_model(processor, seed=seed), processor, model_dir)}
 
 
 def main(argv=None):
