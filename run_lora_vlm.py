@@ -12,7 +12,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""LoRA fine-tuning of vision-language models (Gemma 3 first) on image + chat data.
+"""LoRA fine-tuning of vision-language models (Gemma 3, Qwen2.5-VL, LLaVA-NeXT) on image + chat data.
 
 On Intel Gaudi the script trains through optimum-habana's GaudiTrainer; anywhere else (CPU, CUDA)
 the very same script trains through the stock `transformers` Trainer.
@@ -185,6 +185,13 @@ class DataArguments:
     def __post_init__(self):
         if "{question}" not in self.question_template:
             raise ValueError(f"--question_template must contain a {{question}} slot, got {self.question_template!r}.")
+        try:
+            self.question_template.format(question="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"--question_template {self.question_template!r} has a slot other than {{question}} ({e!r}); "
+                "write literal braces as {{ and }}."
+            ) from e
         if not 0 < self.validation_split_percentage < 100:
             raise ValueError("--validation_split_percentage must be between 0 and 100 (exclusive).")
         for flag in ("max_train_samples", "max_eval_samples", "max_seq_length"):

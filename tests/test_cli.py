@@ -177,3 +177,12 @@ def prepare(assets, *flags, dataset=None):
     )
     raw, _ = rlv.load_raw_datasets(data_args, None)
     return rlv.prepare_splits(raw, data_args, training_args)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("Q: {question} {foo}", "has a slot other than {question}"),
+    ("Question please", "must contain a {question} slot"),
+])
+def test_a_bad_question_template_is_refused_at_start_up(template, message):
+    with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        rlv.DataArguments(dataset_name="d", question_template=template)
