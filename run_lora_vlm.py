@@ -173,6 +173,19 @@ class DataArguments:
         default=None,
         metadata={"help": "Lengths for --padding_strategy bucket. Default: 1/4, 1/2, 3/4 and all of --max_seq_length."},
     )
+    fixed_image_size: Optional[list[int]] = field(
+        default=None,
+        metadata={
+            "help": "HEIGHT WIDTH: resize every image to this size first, so families with dynamic resolution "
+            "(Qwen2.5-VL, LLaVA-NeXT) give every image the same number of tokens (static shapes on Gaudi)."
+        },
+    )
+    image_min_pixels: Optional[int] = field(
+        default=None, metadata={"help": "Qwen2.5-VL: smallest image area (pixels) after its own resizing."}
+    )
+    image_max_pixels: Optional[int] = field(
+        default=None, metadata={"help": "Qwen2.5-VL: largest image area (pixels) after its own resizing."}
+    )
     invalid_rows: str = field(
         default="error",
         metadata={
@@ -198,6 +211,8 @@ class DataArguments:
             value = getattr(self, flag)
             if value is not None and value <= 0:
                 raise ValueError(f"--{flag} must be a positive integer, got {value}.")
+        if self.fixed_image_size is not None and (len(self.fixed_image_size) != 2 or min(self.fixed_image_size) <= 0):
+            raise ValueError(f"--fixed_image_size takes HEIGHT WIDTH (two positive numbers), got {self.fixed_image_size}.")
         if self.length_buckets is None:
             self.length_buckets = sorted({-(-self.max_seq_length * k // 4) for k in (1, 2, 3, 4)})
         self.length_buckets = sorted(self.length_buckets)
@@ -284,7 +299,20 @@ class LoraArguments:
         },
     )
 
+    train_vision_tower: bool = field(
+        default=False, metadata={"help": "Also put LoRA on the vision tower's linear layers (frozen by default)."}
+    )
+    train_projector: bool = field(
+        default=False,
+        metadata={"help": "Also train the vision-to-text projector in full (saved with the adapter; frozen by default)."},
+    )
+
     def __post_init__(self):
+        if self.lora_target_modules and self.train_vision_tower:
+            raise ValueError(
+                "--train_vision_tower extends the default LoRA targets; with --lora_target_modules, name the "
+                "vision tower's layers there instead."
+            )
         if self.lora_rank <= 0:
             raise ValueError(f"--lora_rank must be positive, got {self.lora_rank}.")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -462,6 +490,11 @@ class ModelFamily:
     hpu_attention_options: bool = False  # the optimum-habana port takes use_flash_attention & co.
     # Loads the processor where AutoProcessor cannot (a video processor this script never uses needs torchvision).
     image_only_processor: Optional[Callable[..., Any]] = None
+    # Last names of the vision tower and projector modules (for --train_vision_tower / --train_projector).
+    vision_tower: str = "vision_tower"
+    projector: str = "multi_modal_projector"
+    # Processor arguments for --image_min_pixels / --image_max_pixels, where the family has a pixel budget.
+    pixel_budget_kwargs: Optional[tuple] = None
 
 
 def llava_next_image_token_counts(processor, processed) -> list:
@@ -511,6 +544,9 @@ MODEL_FAMILIES = {
         image_inputs=("pixel_values", "image_grid_thw"),
         patches_per_image=lambda processed: [int(np.prod(grid)) for grid in processed["image_grid_thw"]],
         image_only_processor=qwen2_5_vl_image_only_processor,
+        vision_tower="visual",
+        projector="merger",
+        pixel_budget_kwargs=("min_pixels", "max_pixels"),
     ),
     "llava_next": ModelFamily(
         image_placeholder=lambda processor: processor.image_token,
@@ -1044,7 +1080,20 @@ class VisionChatCollator:
         self.extra_model_inputs = extra_model_inputs or {}
         self.placeholder = family.image_placeholder(processor)
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.image_kwargs = dict(family.processor_call_kwargs)
+        budget = (data_args.image_min_pixels, data_args.image_max_pixels)
+        if any(value is not None for value in budget):
+            if family.pixel_budget_kwargs is None:
+                raise ValueError("--image_min_pixels / --image_max_pixels apply to dynamic-resolution families (qwen2_5_vl).")
+            self.image_kwargs.update({k: v for k, v in zip(family.pixel_budget_kwargs, budget) if v is not None})
         self.pad_token_id = processor.tokenizer.pad_token_id
+
+    def open_image(self, value) -> Image.Image:
+        image = open_image(value, self.image_base_dir)
+        if self.data_args.fixed_image_size:
+            height, width = self.data_args.fixed_image_size
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+        return image
 
     def tokenizer_adds_bos(self, rendered: str) -> bool:
         """Whether the tokenizer should add <bos>: only when the chat template did not write it already.
@@ -1066,7 +1115,7 @@ class VisionChatCollator:
     def prepare(self, feature: dict) -> tuple[str, list, list]:
         """Normalize one row: (rendered text, assistant spans, decoded images)."""
         example = normalize_row(feature["row"], self.schema, self.data_args)
-        images = [open_image(image, self.image_base_dir) for image in example["images"]]
+        images = [self.open_image(image) for image in example["images"]]
         try:
             text, spans = render_with_assistant_spans(self.processor, example["messages"])
         except jinja2.TemplateError as e:  # the template's own checks, e.g. roles that do not alternate
@@ -1097,7 +1146,7 @@ class VisionChatCollator:
             # to their own length below and padded again by --padding_strategy.
             padding="longest",
             padding_side="right",
-            **(self.family.processor_call_kwargs if any(images) else {}),
+            **(self.image_kwargs if any(images) else {}),
         )
         counts = self.family.image_token_counts(self.processor, processed) if any(images) else []
         growths = [self.family.expanded_length(self.processor, n) - len(self.placeholder) for n in counts]
@@ -1275,7 +1324,7 @@ class GenerationEvaluator:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         golds = example["answers"] if self.collator.schema.kind != "conversation" else [messages[last]["content"][0]["text"]]
         question = " ".join(p["text"] for p in messages[last - 1]["content"] if p["type"] == "text")
-        images = [open_image(image, self.collator.image_base_dir) for image in example["images"]]
+        images = [self.collator.open_image(image) for image in example["images"]]
         text = self.processor.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
         return text, images, golds, question
 
@@ -1296,7 +1345,7 @@ class GenerationEvaluator:
             padding="longest",
             padding_side="left",  # generation continues every row from the same position
             return_tensors="pt",
-            **(self.collator.family.processor_call_kwargs if any(images) else {}),
+            **(self.collator.image_kwargs if any(images) else {}),
         ).to(model.device)
         inputs.pop("offset_mapping", None)
         with torch.no_grad():
@@ -1643,35 +1692,58 @@ def load_model(model_args: ModelArguments, training_args, config):
     return model
 
 
-def default_lora_targets(model) -> str:
-    """A regex over the language model's linear layers (attention and MLP), leaving vision and projector out."""
-    language_model = model.get_decoder()
-    prefix = next(name for name, module in model.named_modules() if module is language_model)
+def module_named(model, last_name: str) -> tuple[str, torch.nn.Module]:
+    """The outermost module whose name ends in `last_name` (e.g. "vision_tower"), with its full name."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == last_name:
+            return name, module
+    raise ValueError(f"The model has no module named '{last_name}'; the MODEL_FAMILIES entry does not fit it.")
+
+
+def linear_layers_pattern(prefix: str, module: torch.nn.Module, exclude: Optional[str] = None) -> str:
+    """A regex (without anchors) for the linear layers under `prefix`, by their last names."""
     leaf_names = sorted(
-        {name.rsplit(".", 1)[-1] for name, module in language_model.named_modules() if isinstance(module, torch.nn.Linear)}
+        {name.rsplit(".", 1)[-1] for name, layer in module.named_modules()
+         if isinstance(layer, torch.nn.Linear) and not (exclude and name.startswith(exclude))}
     )
     if not leaf_names:
         raise ValueError(f"No linear layers under '{prefix}'; set --lora_target_modules.")
-    return rf"^{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, leaf_names))})$"
+    excluded = rf"(?!{re.escape(exclude)}\.)" if exclude else ""
+    return rf"{re.escape(prefix)}\.{excluded}(?:.*\.)?({'|'.join(map(re.escape, leaf_names))})"
 
 
-def lora_targets(model, lora_args: LoraArguments):
+def default_lora_targets(model, family: ModelFamily, lora_args: LoraArguments) -> str:
+    """The language model's linear layers (attention and MLP), plus the vision tower's when asked."""
+    language_model = model.get_decoder()
+    prefix = next(name for name, module in model.named_modules() if module is language_model)
+    patterns = [linear_layers_pattern(prefix, language_model)]
+    if lora_args.train_vision_tower:
+        tower_name, tower = module_named(model, family.vision_tower)
+        # Where the projector sits inside the tower (Qwen2.5-VL's merger), it is --train_projector's business.
+        inner_projector = next((n for n, _ in tower.named_modules() if n.rsplit(".", 1)[-1] == family.projector), None)
+        patterns.append(linear_layers_pattern(tower_name, tower, exclude=inner_projector))
+    return rf"^(?:{'|'.join(patterns)})$"
+
+
+def lora_targets(model, family: ModelFamily, lora_args: LoraArguments):
     requested = lora_args.lora_target_modules
     if not requested:
-        return default_lora_targets(model)
+        return default_lora_targets(model, family, lora_args)
     if len(requested) == 1 and re.search(r"[\^\$\*\+\?\[\]\(\)\|\\]", requested[0]):
         return requested[0]
     return list(requested)
 
 
-def apply_lora(model, lora_args: LoraArguments):
+def apply_lora(model, lora_args: LoraArguments, family: ModelFamily):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
         r=lora_args.lora_rank,
         lora_alpha=lora_args.lora_alpha,
         lora_dropout=lora_args.lora_dropout,
-        target_modules=lora_targets(model, lora_args),
+        target_modules=lora_targets(model, family, lora_args),
+        # Trained in full and saved with the adapter.
+        modules_to_save=[module_named(model, family.projector)[0]] if lora_args.train_projector else None,
         task_type="CAUSAL_LM",
     )
     try:
@@ -1760,8 +1832,12 @@ def checkpoint_to_resume(training_args) -> Optional[str]:
     return last_checkpoint
 
 
-def prepare_training_arguments(training_args) -> None:
+def prepare_training_arguments(training_args, lora_args: LoraArguments) -> None:
     """Settings the data pipeline depends on, whatever the command line says."""
+    if lora_args.train_vision_tower and training_args.ddp_find_unused_parameters is None:
+        # Some families read an inner vision layer (LLaVA-NeXT: the second to last), leaving the LoRA weights
+        # of the layers after it without gradients, which DDP otherwise reports as an error.
+        training_args.ddp_find_unused_parameters = True
     # The collator reads the raw columns; the trainer must not drop them.
     training_args.remove_unused_columns = False
     # PEFT's wrapper hides `labels` from the trainer's signature inspection.
@@ -1990,7 +2066,7 @@ def main(argv: Optional[list[str]] = None):
     # Parse: on Gaudi this builds GaudiTrainingArguments, which must exist before the model is loaded.
     export_mpi_rank_environment()
     model_args, data_args, lora_args, eval_args, run_args, training_args = parse_args(argv)
-    prepare_training_arguments(training_args)
+    prepare_training_arguments(training_args, lora_args)
 
     # Logging, seed, and pre-flight checks of the output folder.
     setup_logging(training_args)
@@ -2026,7 +2102,7 @@ def main(argv: Optional[list[str]] = None):
         log_trained_sample(collator, splits)
 
     # Model, with LoRA on the language model only.
-    model = apply_lora(load_model(model_args, training_args, config), lora_args)
+    model = apply_lora(load_model(model_args, training_args, config), lora_args, family)
 
     # Trainer: GaudiTrainer on Gaudi, the stock Trainer elsewhere.
     trainer = build_trainer(model, training_args, model_args, run_args, processor, splits, collator)

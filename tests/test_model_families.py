@@ -93,3 +93,62 @@ def test_merged_export_loads_and_answers_like_base_plus_adapter(family_run, tmp_
 def test_an_unsupported_model_type_names_the_supported_ones():
     with pytest.raises(ValueError, match="Model type 'bert' is not supported; supported model types: gemma3, llava_next, qwen2_5_vl"):
         rlv.model_family("bert")
+
+
+@pytest.fixture(scope="module")
+def family_models(assets, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("family_models")
+    return {
+        "gemma3": assets["model"],
+        "qwen2_5_vl": tiny_qwen2_5_vl.write_assets(str(folder))["model"],
+        "llava_next": tiny_llava_next.write_assets(str(folder))["model"],
+    }
+
+
+@pytest.mark.parametrize("name, tower, projector", [
+    ("gemma3", ".vision_tower.", ".multi_modal_projector."),
+    ("qwen2_5_vl", ".visual.", ".visual.merger."),
+    ("llava_next", ".vision_tower.", ".multi_modal_projector."),
+])
+def test_vision_tower_and_projector_train_only_when_asked(name, tower, projector, family_models, assets, tmp_path):
+    trainer = rlv.main(train_argv(
+        {**assets, "model": family_models[name]}, tmp_path, "--do_train", "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--train_vision_tower", "--train_projector",
+    ))
+    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    vision_lora = [n for n in trainable if tower in n and "lora_" in n and projector not in n]
+    projector_copies = [n for n in trainable if projector in n and "modules_to_save" in n]
+    assert vision_lora and projector_copies
+    assert not [n for n in trainable if projector in n and "lora_" in n]  # trained in full, not through LoRA
+    # It did learn (LLaVA-NeXT reads the second-to-last vision layer, so the last one's LoRA stays put).
+    assert any(trainable[n].abs().sum() > 0 for n in vision_lora if "lora_B" in n)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] and tower.strip(".") in saved["target_modules"]
+
+
+def test_fixed_image_size_gives_every_qwen_image_the_same_token_count(family_models, assets):
+    processor = processor_for(family_models["qwen2_5_vl"])
+    rows = [{"image": Image.new("RGB", size, (0, 0, 255)), "question": "Q?", "answer": "A"}
+            for size in ((96, 64), (40, 200), (300, 120))]
+    features = [{"row": row, "split": "train", "row_index": i} for i, row in enumerate(rows)]
+
+    def image_tokens(**flags):
+        data_args = rlv.DataArguments(dataset_name="in-memory", **flags)
+        schema = rlv.detect_schema(["image", "question", "answer"], data_args)
+        collator = rlv.VisionChatCollator(processor, rlv.MODEL_FAMILIES["qwen2_5_vl"], schema, data_args)
+        batch = collator(features)
+        return (batch["input_ids"] == collator.image_token_id).sum(dim=1).tolist(), batch["image_grid_thw"].tolist()
+
+    dynamic, _ = image_tokens()
+    fixed, grids = image_tokens(fixed_image_size=[56, 84])
+    assert len(set(dynamic)) > 1 and len(set(fixed)) == 1
+    assert grids == [[1, 4, 6]] * 3
+    smaller, _ = image_tokens(image_max_pixels=28 * 28 * 4)
+    assert max(smaller) < max(dynamic)
+
+
+def test_pixel_budget_flags_are_refused_for_fixed_resolution_families(processor):
+    data_args = rlv.DataArguments(dataset_name="in-memory", image_max_pixels=1000)
+    schema = rlv.detect_schema(["image", "question", "answer"], data_args)
+    with pytest.raises(ValueError, match="qwen2_5_vl"):
+        rlv.VisionChatCollator(processor, rlv.MODEL_FAMILIES["gemma3"], schema, data_args)

@@ -53,3 +53,32 @@ def test_two_ranks_of_batch_one_train_like_one_rank_of_batch_two(assets, tmp_pat
     for name, values in one[0]["lora"].items():
         # Float32 all-reduce sums in another order than one local batch: equal up to rounding.
         assert two[0]["lora"][name] == pytest.approx(values, rel=1e-3, abs=1e-5), name
+
+
+def test_a_rank_whose_whole_batch_is_skipped_neither_crashes_nor_hangs(assets, tmp_path):
+    import datasets
+
+    train = datasets.load_from_disk(assets["dataset"])["train"].select(range(8))
+    # Rows 1, 3, 5, 7 have no answer; with batches of one row, each of them is a batch with nothing left in it.
+    train = train.map(lambda row, i: {"label": [""] if i % 2 else row["label"]}, with_indices=True)
+    data = tmp_path / "half_bad"
+    datasets.DatasetDict({"train": train}).save_to_disk(str(data))
+    spawn_flags = ("--do_train", "--per_device_train_batch_size", "1", "--invalid_rows", "skip", "--num_train_epochs", "1")
+    ranks, _ = spawn({**assets, "dataset": str(data)}, tmp_path / "out", tmp_path / "record", 2, *spawn_flags)
+    report = json.loads((tmp_path / "out" / "skipped_rows.json").read_text())
+    assert report["skipped_by_reason"] == {"empty_answer": 4}
+    assert sorted(entry["row_index"] for entry in report["rows"]) == [1, 3, 5, 7]
+    assert ranks[0]["lora"] == ranks[1]["lora"]  # both ranks took the same 4 steps
+    assert len(ranks[0]["losses"]) == 4
+
+
+def test_llava_next_trains_on_two_ranks_with_its_vision_tower_frozen_or_adapted(assets, tmp_path):
+    import tiny_llava_next
+
+    model = tiny_llava_next.write_assets(str(tmp_path / "model"))["model"]
+    for extra in ((), ("--train_vision_tower",)):
+        name = "adapted" if extra else "frozen"
+        ranks, _ = spawn({**assets, "model": model}, tmp_path / name, tmp_path / f"record_{name}", 2,
+                         "--do_train", "--max_steps", "2", "--per_device_train_batch_size", "2", *extra)
+        assert ranks[0]["lora"] == ranks[1]["lora"]
+        assert any("vision_tower" in key for key in ranks[0]["lora"]) == bool(extra)
