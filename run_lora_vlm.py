@@ -1304,6 +1304,22 @@ def decode_collapsing_runs(tokenizer, ids: list[int], min_run: int = 4) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
+def end_of_turn_token_id(processor) -> Optional[int]:
+    """The token that closes an assistant turn, read off the chat template (e.g. <end_of_turn>, <|im_end|>)."""
+    messages = [{"role": "user", "content": [text_part("x")]}, {"role": "assistant", "content": [text_part("y")]}]
+    text, [(start, end)] = render_with_assistant_spans(processor, messages)
+    marker = text[start:end].split("y", 1)[1].strip()
+    ids = processor.tokenizer(marker, add_special_tokens=False).input_ids if marker else []
+    return ids[0] if ids else None
+
+
+def stop_token_ids(model, end_of_turn: Optional[int]) -> list[int]:
+    """The model's own end tokens plus the chat template's end-of-turn token: generation stops at either."""
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return eos + ([end_of_turn] if end_of_turn is not None and end_of_turn not in eos else [])
+
+
 class GenerationEvaluator:
     """Answers evaluation rows by greedy generation and scores the answers against the gold ones.
 
@@ -1316,6 +1332,7 @@ class GenerationEvaluator:
         self.processor = collator.processor
         self.eval_args = eval_args
         self.batch_size = batch_size
+        self.end_of_turn = end_of_turn_token_id(self.processor)
 
     def prompt(self, feature: dict) -> tuple[str, list, list[str], str]:
         """(prompt text, decoded images, gold answers, question shown in the report) for one row."""
@@ -1350,7 +1367,8 @@ class GenerationEvaluator:
         inputs.pop("offset_mapping", None)
         with torch.no_grad():
             output = model.generate(
-                **inputs, max_new_tokens=self.eval_args.generation_max_new_tokens, do_sample=False, use_cache=True
+                **inputs, max_new_tokens=self.eval_args.generation_max_new_tokens, do_sample=False, use_cache=True,
+                eos_token_id=stop_token_ids(model, self.end_of_turn),
             )
         answers = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         group_column = self.eval_args.metrics_group_column
@@ -2012,25 +2030,13 @@ def dry_run_data(collator: VisionChatCollator, rows: IndexedRows, num_batches: i
     return dict(checked)
 
 
-def end_of_turn_token_id(processor) -> Optional[int]:
-    """The token that closes an assistant turn, read off the chat template (e.g. <end_of_turn>, <|im_end|>)."""
-    messages = [{"role": "user", "content": [text_part("x")]}, {"role": "assistant", "content": [text_part("y")]}]
-    text, [(start, end)] = render_with_assistant_spans(processor, messages)
-    marker = text[start:end].split("y", 1)[1].strip()
-    ids = processor.tokenizer(marker, add_special_tokens=False).input_ids if marker else []
-    return ids[0] if ids else None
-
-
 def export_merged(model, processor, output_dir: Path) -> Path:
     """Fold the LoRA weights into the base model and save what a server or a pipeline loads as is."""
     merged = model.merge_and_unload()
     merged.config.use_cache = True
     if getattr(merged.config, "text_config", None) is not None:
         merged.config.text_config.use_cache = True
-    eos = merged.generation_config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    end_of_turn = end_of_turn_token_id(processor)
-    merged.generation_config.eos_token_id = eos + ([end_of_turn] if end_of_turn is not None and end_of_turn not in eos else [])
+    merged.generation_config.eos_token_id = stop_token_ids(merged, end_of_turn_token_id(processor))
     merged.save_pretrained(output_dir, safe_serialization=True)
     processor.save_pretrained(output_dir)
     logger.info(f"Merged model written to {output_dir} (end of generation: {merged.generation_config.eos_token_id})")
