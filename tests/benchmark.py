@@ -109,31 +109,12 @@ SMALL_IMAGE_TOKENS = 16
 # ---------------------------------------------------------------------------------------------------
 
 
-def gemma3_image_processor(size: int):
-    """Gemma 3's image processor settings (as in tiny_assets) at a given square size."""
-    from transformers import Gemma3ImageProcessor
-    from transformers.image_utils import PILImageResampling
-
-    return Gemma3ImageProcessor(
-        do_resize=True,
-        size={"height": size, "width": size},
-        resample=PILImageResampling.BILINEAR,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        do_convert_rgb=True,
-        do_pan_and_scan=False,
-    )
-
-
 def gemma3_processor(tokenizer, image_size: int, image_tokens: int):
     import tiny_assets
     from transformers import Gemma3Processor
 
     return Gemma3Processor(
-        image_processor=gemma3_image_processor(image_size),
+        image_processor=tiny_assets.build_image_processor(image_size),
         tokenizer=tokenizer,
         chat_template=tiny_assets.GEMMA3_CHAT_TEMPLATE,
         image_seq_length=image_tokens,

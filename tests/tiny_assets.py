@@ -236,18 +236,18 @@ def build_tokenizer():
     )
 
 
-def build_image_processor():
-    """Return a ``Gemma3ImageProcessor`` resizing to the tiny vision tower's input size.
+def build_image_processor(size=IMAGE_SIZE):
+    """Return a ``Gemma3ImageProcessor`` resizing to ``size`` (default: the tiny vision tower's input).
 
     Same settings as Gemma 3's (bilinear resize, rescale 1/255, mean = std = 0.5, RGB, no
-    pan-and-scan), only the size differs.
+    pan-and-scan); the benchmark uses Gemma 3's real 896.
     """
     from transformers import Gemma3ImageProcessor
     from transformers.image_utils import PILImageResampling
 
     return Gemma3ImageProcessor(
         do_resize=True,
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"height": size, "width": size},
         resample=PILImageResampling.BILINEAR,
         do_rescale=True,
         rescale_factor=1 / 255,
