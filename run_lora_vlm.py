@@ -36,6 +36,7 @@ A single `.json` file holding the same keys may replace all the flags.
 
 import collections
 import dataclasses
+import functools
 import importlib.util
 import io
 import json
@@ -511,8 +512,13 @@ def repeated_token_length(processor, count: int) -> int:
     return count * len(processor.image_token)
 
 
-def qwen2_5_vl_image_only_processor(path: str, **kwargs):
-    """Qwen2.5-VL's processor without its video half, whose video processor needs torchvision."""
+@functools.cache
+def image_only_qwen2_5_vl_processor_class() -> type:
+    """Qwen2.5-VL's processor without its video half (whose video processor needs torchvision).
+
+    Text and images behave exactly as in the real class. The class is built on first use, so importing this
+    script does not import the Qwen2.5-VL code.
+    """
     from transformers import Qwen2_5_VLProcessor
 
     class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -520,10 +526,15 @@ def qwen2_5_vl_image_only_processor(path: str, **kwargs):
 
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **init_kwargs):
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **init_kwargs)
+            self.video_processor = None
 
     # Saved files name their processor class; name the real one, so AutoProcessor can load them elsewhere.
     ImageOnlyQwen2_5_VLProcessor.__name__ = Qwen2_5_VLProcessor.__name__
-    return ImageOnlyQwen2_5_VLProcessor.from_pretrained(path, **kwargs)
+    return ImageOnlyQwen2_5_VLProcessor
+
+
+def qwen2_5_vl_image_only_processor(path: str, **kwargs):
+    return image_only_qwen2_5_vl_processor_class().from_pretrained(path, **kwargs)
 
 
 MODEL_FAMILIES = {

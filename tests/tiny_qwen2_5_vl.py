@@ -45,8 +45,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import run_lora_vlm  # noqa: E402
 import tiny_assets  # noqa: E402
-from transformers import Qwen2_5_VLProcessor  # noqa: E402  (base class of the image-only processor)
+from transformers import Qwen2_5_VLProcessor  # noqa: E402
 
 # Qwen2.5-VL-Instruct's chat template, exactly as Qwen/Qwen2.5-VL-*-Instruct ship it in
 # chat_template.json (the template the processor applies). It is data, not code: the fine-tuning
@@ -228,29 +231,10 @@ def has_video_processor():
     return is_torchvision_available()
 
 
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` without its video processor, for machines without torchvision.
-
-    Text and images behave exactly as in the real class (same ``__call__``, chat template,
-    ``<|image_pad|>`` expansion); ``videos=`` is not supported. It saves the same files as the real
-    class, naming ``Qwen2_5_VLProcessor`` as their ``processor_class``, so where torchvision is
-    installed ``AutoProcessor`` loads them into a full ``Qwen2_5_VLProcessor``; without it, load
-    them with ``ImageOnlyQwen2_5_VLProcessor.from_pretrained`` (or ``load_processor``).
-    """
-
-    attributes = ["image_processor", "tokenizer"]
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        # The parent passes (image_processor, tokenizer, None) on; ProcessorMixin pairs them with
-        # `attributes`, so the missing video processor is simply not an attribute.
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-        self.video_processor = None
-
-
-# ProcessorMixin.save_pretrained records `type(self).__name__` as processor_class in
-# preprocessor_config.json and tokenizer_config.json: name the real class there (pickle uses
-# __qualname__, which stays this module's).
-ImageOnlyQwen2_5_VLProcessor.__name__ = "Qwen2_5_VLProcessor"
+# Qwen2_5_VLProcessor minus its video processor, for machines without torchvision: the same class the
+# training script falls back to. It saves the same files as the real class (naming Qwen2_5_VLProcessor as
+# their processor_class), so where torchvision is installed AutoProcessor loads them as usual.
+ImageOnlyQwen2_5_VLProcessor = run_lora_vlm.image_only_qwen2_5_vl_processor_class()
 
 
 def build_processor(tokenizer):
