@@ -1023,7 +1023,9 @@ def render_with_assistant_spans(processor, messages: list[dict]) -> tuple[str, l
         if message["role"] != "assistant":
             continue
         prompt = processor.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
-        upto = processor.apply_chat_template(messages[: index + 1], tokenize=False).rstrip()
+        # Up to the last message is the whole conversation, rendered already.
+        upto = text if index + 1 == len(messages) else processor.apply_chat_template(messages[: index + 1], tokenize=False)
+        upto = upto.rstrip()
         if not (upto.startswith(prompt) and text.startswith(upto)):
             raise ValueError(
                 "The chat template does not render conversations as growing prefixes, so assistant tokens "
