@@ -7,7 +7,8 @@ interpreter and argv.  Options:
 
 * ``--allreduce``: also run a torch.distributed gloo all_reduce (env://);
 * ``--sleep S``: write ``pid<N>`` and sleep S seconds before finishing;
-* ``--fail_rank R``: rank R exits with code 3.
+* ``--fail_rank R``: rank R exits with code 3;
+* ``--env_name NAME`` (repeatable): also record the value of environment variable NAME.
 Unknown arguments are recorded, not rejected.
 """
 
@@ -39,6 +40,7 @@ def main():
     parser.add_argument("--allreduce", action="store_true")
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--fail_rank", type=int, default=None)
+    parser.add_argument("--env_name", action="append", default=[])
     args, extra = parser.parse_known_args()
 
     source, rank, world_size, local_rank = rank_info()
@@ -54,6 +56,7 @@ def main():
         "python": sys.executable,
         "argv": sys.argv[1:],
         "extra": extra,
+        "env": {name: os.environ.get(name) for name in args.env_name},
     }
 
     if args.sleep:
