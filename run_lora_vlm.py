@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import difflib
 import functools
 import importlib.util
 import itertools
@@ -87,6 +88,15 @@ IGNORE_INDEX = -100
 
 class UsageError(ValueError):
     """A mistake in the flags or the data: the command line prints its message alone, without a traceback."""
+
+
+class InvalidRowError(ValueError):
+    """A row that cannot become a training example; `reason` is a short stable code used in reports."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -355,16 +365,34 @@ def parse_args(argv: Optional[list[str]] = None) -> ScriptArguments:
         refuse_gaudi_flags(given)
     # Under mpirun the rank must be in the environment before the training arguments pick the device.
     export_mpi_rank_environment()
-    parser = HfArgumentParser(
+    parser = ScriptArgumentParser(
         [ModelArguments, DataArguments, LoraArguments, EvaluationArguments, RunArguments, training_arguments_class(given)]
     )
     if json_file is not None:
+        known = {field.name for dtype in parser.dataclass_types for field in dataclasses.fields(dtype)}
+        refuse_unknown_flags([f"--{name}" for name in given if name not in known], known)
         parsed = parser.parse_json_file(json_file=os.path.abspath(json_file))
     else:
-        parsed = parser.parse_args_into_dataclasses(args=argv)
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        known = {option[2:] for action in parser._actions for option in action.option_strings}
+        refuse_unknown_flags([arg.split("=")[0] for arg in remaining if arg.startswith("--")] or remaining, known)
     args = ScriptArguments(*parsed)
     settle_defaults(args, given)
     return args
+
+
+class ScriptArgumentParser(HfArgumentParser):
+    """What this adds to HfArgumentParser: a bad flag value is one line naming the flag, not the whole usage text."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}. See --help.")
+
+
+def refuse_unknown_flags(unknown: list[str], known: set[str]) -> None:
+    if unknown:
+        hints = [arg + "".join(f" (did you mean --{match}?)" for match in difflib.get_close_matches(arg.lstrip("-"), known, 1))
+                 for arg in unknown]
+        raise UsageError(f"Unknown flag{'s' * (len(unknown) > 1)}: {', '.join(hints)}. See --help.")
 
 
 def flags_given(argv: list[str], json_file: Optional[str]) -> dict[str, str]:
@@ -377,7 +405,7 @@ def flags_given(argv: list[str], json_file: Optional[str]) -> dict[str, str]:
         if arg.startswith("--"):
             name, _, value = arg[2:].partition("=")
             following = argv[index + 1] if index + 1 < len(argv) else ""
-            given[name] = value or ("" if following.startswith("--") else following)
+            given[name] = value or ("" if following.startswith("-") else following)
     return given
 
 
@@ -433,6 +461,14 @@ def settle_defaults(args: ScriptArguments, given: dict[str, str]) -> None:
     if training.gradient_checkpointing and training.gradient_checkpointing_kwargs is None:
         # Re-entrant checkpointing gives no gradient to LoRA weights behind frozen embeddings.
         training.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if "dataloader_pin_memory" not in given and not (on_gaudi or torch.accelerator.is_available()):
+        # Pinned host memory only helps copies to an accelerator; without one torch warns on every loader.
+        training.dataloader_pin_memory = False
+    if "dataloader_num_workers" not in given and (on_gaudi or torch.accelerator.is_available()):
+        # Decode and resize images in background workers while the device computes (this rank's share of the cores).
+        cores_per_rank = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        training.dataloader_num_workers = min(4, max(0, cores_per_rank - 1))
+        training.dataloader_persistent_workers = training.dataloader_num_workers > 0
     if training.do_train:
         training.resume_from_checkpoint = checkpoint_to_resume(training)
         check_free_disk(training.output_dir, args.run.min_free_disk_gb)
@@ -478,6 +514,22 @@ def checkpoint_to_resume(training_args) -> Optional[str]:
     return last_checkpoint
 
 
+def finished_run(training_args) -> bool:
+    """Whether --output_dir holds this very run, finished: adapter and results saved, last checkpoint at the final
+    step of the same schedule. Re-running the command then leaves everything as it is."""
+    output_dir, checkpoint = Path(training_args.output_dir), training_args.resume_from_checkpoint
+    if not (training_args.do_train and checkpoint and (output_dir / "train_results.json").is_file()):
+        return False
+    try:
+        state = json.loads(Path(checkpoint, "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    same_schedule = state.get("num_train_epochs") == math.ceil(training_args.num_train_epochs) and (
+        training_args.max_steps <= 0 or state.get("max_steps") == training_args.max_steps
+    )
+    return same_schedule and state.get("global_step") == state.get("max_steps")
+
+
 def last_complete_checkpoint(output_dir: Path) -> Optional[str]:
     """The newest checkpoint folder whose trainer_state.json, which the Trainer writes last, is whole.
 
@@ -521,7 +573,12 @@ def cli(argv: Optional[list[str]] = None) -> int:
     function; everything else is the training path, `main`. Returns the exit code."""
     try:
         args = parse_args(argv)
-        if args.run.predict_image is not None:
+        if finished_run(args.training):
+            print(
+                f"{args.training.output_dir} holds this run, finished: nothing to do, nothing changed. "
+                "Pass --overwrite_output_dir to train it again.", file=sys.stderr,
+            )
+        elif args.run.predict_image is not None:
             print(answer_one_question(args))
         elif args.run.merge_adapter and not args.training.do_train:
             merge_saved_adapter(args)
@@ -609,15 +666,27 @@ def setup_run(training_args) -> None:
 
 def load_processor(model_args: ModelArguments):
     """The processor, and the family entry picked from config.model_type (never from the model's name)."""
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
+    try:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load its config ({e}).") from e
     family = model_family(config.model_type)
+    # The checkpoint's own (slow) image processor gives the pixels the model was trained with; asking for it with
+    # use_fast=False would also swap in the slow tokenizer, which has no offsets (processing_utils.py:1349-1368), so
+    # the notice that fast processors will become the default is silenced instead.
+    processing_logger = logging.getLogger("transformers.processing_utils")
+    level = processing_logger.level
+    processing_logger.setLevel(logging.ERROR)
     try:
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
     except ImportError as e:
         if family.image_only_processor is None or "torchvision" not in str(e).lower():
             raise
-        logger.warning(f"Loading the processor without its video part ({e}); images and text work as usual.")
         processor = family.image_only_processor(model_args.model_name_or_path, **hub_kwargs(model_args))
+    except OSError as e:
+        raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load its processor ({e}).") from e
+    finally:
+        processing_logger.setLevel(level)
     if not processor.chat_template:
         raise UsageError(
             f"{model_args.model_name_or_path} has no chat template, which the collator needs to find the "
@@ -991,15 +1060,6 @@ def normalize_row(row: dict, schema: DatasetSchema, data_args: DataArguments) ->
     if data_args.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": [text_part(data_args.system_prompt)]})
     return {"images": images, "messages": messages, "answers": answers}
-
-
-class InvalidRowError(ValueError):
-    """A row that cannot become a training example; `reason` is a short stable code used in reports."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def choose_answer(value: Any) -> tuple[str, list[str]]:
