@@ -447,6 +447,10 @@ def settle_defaults(args: ScriptArguments, given: dict[str, str]) -> None:
             f"--length_buckets {data.length_buckets}: lengths must be positive and the largest must equal "
             f"--max_seq_length {data.max_seq_length}."
         )
+    if getattr(training, "use_hpu_graphs_for_inference", False) and training.do_train and args.evaluation.eval_before_training:
+        # HPU graphs detach gradients (optimum/habana/transformers/trainer.py:2057), so a model wrapped for the
+        # evaluation before training could not be trained.
+        raise UsageError("--use_hpu_graphs_for_inference cannot go with --eval_before_training and --do_train.")
     if args.lora.train_vision_tower and "ddp_find_unused_parameters" not in given:
         # Some families read an inner vision layer (LLaVA-NeXT: the second to last), leaving the LoRA weights of the
         # layers after it without gradients, which DDP reports as an error. GaudiTrainingArguments defaults this to
@@ -619,10 +623,10 @@ def main(args: ScriptArguments) -> Trainer:
     trainer = build_trainer(model, training_args, model_args, args.run, processor, splits, collator)
 
     # Train, stopping cleanly on SIGTERM; an evaluation of the untouched model first, if asked.
-    generator = (
-        GenerationEvaluator(encoder, skipped_rows, args.evaluation, training_args.per_device_eval_batch_size)
-        if args.evaluation.generation_eval else None
-    )
+    generator = GenerationEvaluator(
+        encoder, skipped_rows, args.evaluation, training_args.per_device_eval_batch_size,
+        data_args.length_buckets if data_args.padding_strategy == "bucket" else None, hpu_generation_options(training_args),
+    ) if args.evaluation.generation_eval else None
     before = {}
     if training_args.do_train:
         if training_args.do_eval and args.evaluation.eval_before_training:
@@ -672,11 +676,12 @@ def load_processor(model_args: ModelArguments):
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load its config ({e}).") from e
     family = model_family(config.model_type)
     # The checkpoint's own (slow) image processor gives the pixels the model was trained with; asking for it with
-    # use_fast=False would also swap in the slow tokenizer, which has no offsets (processing_utils.py:1349-1368), so
+    # use_fast=False would also swap in the slow tokenizer, which has no offsets (processing_utils.py:1349-1368, image_processing_auto.py:528-533), so
     # the notice that fast processors will become the default is silenced instead.
-    processing_logger = logging.getLogger("transformers.processing_utils")
-    level = processing_logger.level
-    processing_logger.setLevel(logging.ERROR)
+    notice_loggers = [logging.getLogger(f"transformers.{name}") for name in ("processing_utils", "models.auto.image_processing_auto")]
+    levels = [notice_logger.level for notice_logger in notice_loggers]
+    for notice_logger in notice_loggers:
+        notice_logger.setLevel(logging.ERROR)
     try:
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
     except ImportError as e:
@@ -686,7 +691,8 @@ def load_processor(model_args: ModelArguments):
     except OSError as e:
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load its processor ({e}).") from e
     finally:
-        processing_logger.setLevel(level)
+        for notice_logger, level in zip(notice_loggers, levels):
+            notice_logger.setLevel(level)
     if not processor.chat_template:
         raise UsageError(
             f"{model_args.model_name_or_path} has no chat template, which the collator needs to find the "
@@ -1978,6 +1984,8 @@ def evaluate_split(trainer, rows: IndexedRows, prefix: str, generator: Optional[
         trainer.log({f"{prefix}_{name}": value for name, value in scores.items()})
         if trainer.args.should_save:
             generator.write_predictions(Path(trainer.args.output_dir, "predictions.jsonl"), prefix, records)
+            if "tensorboard" in trainer.args.report_to:
+                generator.write_table(trainer.args, prefix, records, trainer.state.global_step)
     return metrics
 
 
@@ -1995,13 +2003,18 @@ class GenerationEvaluator:
     the last assistant turn, built by the same ChatEncoder. Rows are sharded over ranks and the records gathered.
     """
 
-    def __init__(self, encoder: ChatEncoder, skipped_rows: SkippedRows, eval_args: EvaluationArguments, batch_size: int = 8):
+    def __init__(self, encoder: ChatEncoder, skipped_rows: SkippedRows, eval_args: EvaluationArguments, batch_size: int = 8,
+                 prompt_lengths: Optional[list[int]] = None, generate_options: Optional[dict] = None):
         self.encoder = encoder
         self.skipped_rows = skipped_rows
         self.max_new_tokens = eval_args.generation_max_new_tokens
         self.group_column = eval_args.metrics_group_column
         self.batch_size = batch_size
+        # Static shapes (Gaudi lazy mode): prompts are left-padded to one of these lengths, one graph each.
+        self.prompt_lengths = prompt_lengths
+        self.generate_options = generate_options or {}
         self.end_of_turn = encoder.end_of_turn_token_id()
+        self.prompt_shapes = collections.Counter()
         self.predictions_written = False
 
     def generate(self, model, features: list[dict]) -> list[dict]:
@@ -2014,24 +2027,35 @@ class GenerationEvaluator:
         if not prepared:
             return []
         # Left padding: generation continues every row from the same position.
-        inputs = self.encoder.process(
-            [p[1] for p in prepared], [p[2] for p in prepared], padding_side="left", return_tensors="pt"
-        ).to(model.device)
+        inputs = self.encoder.process([p[1] for p in prepared], [p[2] for p in prepared], padding_side="left", return_tensors="pt")
+        inputs = self.pad_prompts(inputs).to(model.device)
+        self.prompt_shapes[tuple(inputs["input_ids"].shape)] += 1
         with torch.no_grad():
             output = model.generate(
                 **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, use_cache=True,
-                eos_token_id=stop_token_ids(model, self.end_of_turn),
+                eos_token_id=stop_token_ids(model, self.end_of_turn), **self.generate_options,
             )
         answers = self.encoder.decode(output[:, inputs["input_ids"].shape[1]:])
         records = []
         for (feature, _, _, golds, question), answer in zip(prepared, answers):
+            # The generated text as is, and the answer scored (without surrounding whitespace).
             record = {"split": feature["split"], "row_index": feature["row_index"], "question": question,
-                      "gold_answers": golds, "prediction": answer.strip()}
+                      "gold_answers": golds, "generated": answer, "prediction": answer.strip()}
             record.update(score_prediction(record["prediction"], golds))
             if self.group_column in feature["row"]:
                 record[self.group_column] = feature["row"][self.group_column]
             records.append(record)
         return records
+
+    def pad_prompts(self, inputs):
+        """Left-pad the batch's prompts to the smallest of `prompt_lengths` that holds them (static shapes)."""
+        length = inputs["input_ids"].shape[1]
+        target = next((n for n in self.prompt_lengths or () if n >= length), length)
+        pad_values = {"input_ids": self.encoder.pad_token_id, "attention_mask": 0, "token_type_ids": 0}
+        for key, value in pad_values.items():
+            if key in inputs and target > length:
+                inputs[key] = torch.nn.functional.pad(inputs[key], (target - length, 0), value=value)
+        return inputs
 
     def evaluate(self, model, rows: IndexedRows, accelerator) -> list[dict]:
         """Records for every row of `rows`, in row order, identical on every rank."""
@@ -2039,10 +2063,17 @@ class GenerationEvaluator:
         batches = [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
         was_training = model.training
         model.eval()
+        if self.generate_options.get("hpu_graphs"):
+            from habana_frameworks.torch.hpu import wrap_in_hpu_graph
+
+            model = wrap_in_hpu_graph(model)
         records = []
+        self.prompt_shapes.clear()
         for batch in tqdm(batches, desc=f"Generating answers ({rows.split})", disable=not accelerator.is_local_main_process):
             records.extend(self.generate(model, [rows[position] for position in batch]))
         model.train(was_training)
+        shapes = ", ".join(f"{b}x{n}: {count}" for (b, n), count in sorted(self.prompt_shapes.items()))
+        logger.info(f"Generation ({rows.split}): {len(self.prompt_shapes)} distinct prompt shapes ({shapes})")
         gathered = gather_object(records) if accelerator.num_processes > 1 else records
         return sorted(gathered, key=lambda record: record["row_index"])
 
@@ -2052,6 +2083,19 @@ class GenerationEvaluator:
             for record in records:
                 f.write(json.dumps({"evaluation": evaluation, **record}, default=str) + "\n")
         self.predictions_written = True
+
+    def write_table(self, training_args, evaluation: str, records: list[dict], step: int, rows: int = 16) -> None:
+        """A TensorBoard text table of the first `rows` rows (the same ones before and after training)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        header = "| row | question | gold answers | prediction | relaxed accuracy | ANLS |\n|---|---|---|---|---|---|\n"
+        cells = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        table = header + "".join(
+            f"| {r['row_index']} | {cells(r['question'])} | {cells(' / '.join(r['gold_answers']))} | {cells(r['prediction'])} "
+            f"| {r['relaxed_accuracy']:.0f} | {r['anls']:.2f} |\n" for r in records[:rows]
+        )
+        with SummaryWriter(log_dir=training_args.logging_dir) as writer:
+            writer.add_text(f"{evaluation}/predictions", table, global_step=step)
 
 
 def stop_token_ids(model, end_of_turn: Optional[int]) -> list[int]:
@@ -2354,6 +2398,15 @@ def training_arguments_class(given: dict[str, str]) -> type:
     return PortableTrainingArguments
 
 
+def hpu_generation_options(training_args) -> dict:
+    """optimum-habana's generate() options on Gaudi: lazy mode and HPU graphs (both off unless passed,
+    optimum/habana/transformers/generation/utils.py:1196-1197), and static shapes."""
+    if not getattr(training_args, "use_habana", False):
+        return {}
+    return {"lazy_mode": training_args.use_lazy_mode, "hpu_graphs": training_args.use_hpu_graphs_for_inference,
+            "static_shapes": training_args.use_lazy_mode}
+
+
 def export_mpi_rank_environment() -> None:
     """Under mpirun, expose the rank in the variables torch.distributed and accelerate read (as torchrun does).
 
@@ -2492,7 +2545,7 @@ def check_gemma3_hpu_attention_flags(model_type: str, training_args) -> None:
     if model_type != "gemma3" or not getattr(training_args, "use_habana", False):
         return
     if getattr(training_args, "flash_attention_causal_mask", False):
-        raise ValueError(
+        raise UsageError(
             "--flash_attention_causal_mask makes Gemma 3's fused attention purely causal on every layer, but its "
             "image tokens attend to each other both ways and its sliding-window layers see only the last "
             "sliding_window tokens: drop the flag (--attn_implementation gaudi_fused_sdpa alone keeps the right mask)."
@@ -2500,7 +2553,7 @@ def check_gemma3_hpu_attention_flags(model_type: str, training_args) -> None:
     fused = getattr(training_args, "attn_implementation", None) == "gaudi_fused_sdpa"
     fast_recompute = training_args.flash_attention_fast_softmax and training_args.flash_attention_recompute
     if fused and fast_recompute and training_args.do_train:
-        raise ValueError(
+        raise UsageError(
             "--flash_attention_fast_softmax with --flash_attention_recompute is supported by Habana's fused attention "
             "only with a purely causal mask, which Gemma 3 cannot use: drop one of the two flags."
         )
