@@ -605,6 +605,7 @@ def main(args: ScriptArguments) -> Trainer:
 
     # Model family and processor, from the model's config, before any data is read.
     config, family, processor = load_processor(model_args)
+    check_gemma3_hpu_attention_flags(config.model_type, training_args)
 
     # Data: rows are chosen by index only; they are normalized, decoded and rendered per batch.
     splits, schema, image_base_dir = load_data(data_args, training_args, model_args.cache_dir)
@@ -618,6 +619,7 @@ def main(args: ScriptArguments) -> Trainer:
 
     # Model, with LoRA on the language model (and on the vision tower or projector when asked).
     model = apply_lora(load_model(model_args, training_args, config), args.lora, family)
+    use_gemma3_reference_attention(model, training_args)
 
     # Trainer: GaudiTrainer on Gaudi, the stock Trainer elsewhere.
     trainer = build_trainer(model, training_args, model_args, args.run, processor, splits, collator)
@@ -2429,8 +2431,6 @@ def hpu_model_inputs(training_args, family: ModelFamily) -> dict:
     """Gemma 3's HPU forward options, sent with every batch; only when training on Gaudi.
 
     optimum-habana's Gemma 3 port takes them as forward arguments and GaudiTrainer does not pass them.
-    The causal-mask variant of fused attention ignores the attention mask, which is safe here because the
-    collator always pads on the right.
     """
     if not (family.hpu_attention_options and getattr(training_args, "use_habana", False)):
         return {}

@@ -150,7 +150,7 @@ def test_lazy_mode_training_records_mark_step(cpu):
 
 
 def test_hpu_only_kernels_refuse(cpu):
-    assert cpu["fused_sdpa"].startswith("HPUUnavailableError")
+    assert cpu["fused_sdpa"] is None  # a CPU stand-in now, checked against torch in test_gaudi_gemma3_attention.py
     assert cpu["wrap_in_hpu_graph"].startswith("HPUUnavailableError")
 
 

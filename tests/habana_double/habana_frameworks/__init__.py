@@ -15,8 +15,10 @@ Rules of the double:
   :func:`count`, :func:`reset`) so tests can assert on e.g. ``mark_step``;
 * the fakes are honest no-ops: there is no HPU here, ``hpu.is_available()`` is
   False and ``device_count()`` is 0;
-* anything that would need a real HPU (fused kernels, HPU graphs, fused
-  optimizers, moving tensors to "hpu", ...) raises :class:`HPUUnavailableError`.
+* anything that would need a real HPU (HPU graphs, moving tensors to "hpu",
+  ...) raises :class:`HPUUnavailableError`; the only exceptions are CPU stand-ins
+  that compute what a kernel is documented to compute (``hpex.kernels.FusedSDPA``,
+  ``hpex.optimizers.FusedAdamW``, ``hpex.normalization.FusedClipNorm``).
 """
 
 import threading

@@ -80,7 +80,32 @@ class ModuleCacher:
         refuse("hpu.ModuleCacher")
 
 
+# Fused-attention recompute switch: a plain flag, as in Habana's hpu/sdp_kernel_flag.py
+# (HabanaAI/gaudi-pytorch-bridge), where it starts True. Only hpex.kernels.FusedSDPA reads it.
+_recompute_sdp = True
+
+
+def enable_recompute_sdp(enabled):
+    global _recompute_sdp
+    record("hpu.enable_recompute_sdp", enabled=enabled)
+    _recompute_sdp = bool(enabled)
+
+
+def recompute_sdp_enabled():
+    return _recompute_sdp
+
+
 @contextlib.contextmanager
-def sdp_kernel(*args, **kwargs):
-    refuse("hpu.sdp_kernel")
-    yield  # pragma: no cover
+def sdp_kernel(enable_recompute=True):
+    """Sets the recompute flag of FusedSDPA for the block and restores it after (recorded).
+
+    The Gaudi ports wrap every FusedSDPA call in it (e.g. gemma3/modeling_gemma3.py:316,325,328).
+    """
+    global _recompute_sdp
+    record("hpu.sdp_kernel", enable_recompute=enable_recompute)
+    saved = _recompute_sdp
+    _recompute_sdp = bool(enable_recompute)
+    try:
+        yield {}
+    finally:
+        _recompute_sdp = saved

@@ -1,0 +1,411 @@
+# Licensed under the Apache License, Version 2.0 (the "License").
+"""On Gaudi, Gemma 3 trains with the attention of transformers' Gemma 3 (issue 14).
+
+optimum-habana's Gemma 3 port ignores token_type_ids and builds its own masks; run_lora_vlm.py hands it
+the reference masks (`use_gemma3_reference_attention`). Checked here:
+
+* in this process: the masks equal those transformers' Gemma 3 builds itself (captured from its own
+  forward), they build on the meta device (no value is read back, no data-dependent shape), and the
+  fused-attention flags that would change the result are refused;
+* for the same batch (images, right padding, rows longer than the sliding window) and the same weights,
+  the Gaudi-patched model gives the logits, loss and LoRA gradients of upstream transformers' Gemma 3 with
+  token_type_ids, with fused attention off and on (fp32, atol 1e-5); without the product's masks, or with
+  --flash_attention_causal_mask, it does not. The reference runs in this process (optimum.habana is
+  never imported here); the port in ONE subprocess with the habana_frameworks TEST DOUBLE first on
+  PYTHONPATH (its FusedSDPA is a CPU stand-in, see tests/habana_double/README.md), after
+  adapt_transformers_to_gaudi() and before the model is built, as on Gaudi.
+
+Run the subprocess part directly for debugging:
+    PATH=$(dirname $(which python)):$PATH PYTHONPATH=tests/habana_double:. \
+        python tests/test_gaudi_gemma3_attention.py WORK_DIR   # with WORK_DIR/case.pt from _reference_case
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import run_lora_vlm
+
+HERE = Path(__file__).resolve().parent
+ATOL = 1e-5
+# Far above ATOL: what a changed attention pattern does to this tiny model's logits.
+CLEARLY_DIFFERENT = 1e-3
+# Shorter than an image (MM_TOKENS_PER_IMAGE = 4 tokens) and than every row: the window really masks,
+# and an image's two-way attention must reach past it.
+SLIDING_WINDOW = 3
+
+
+# --------------------------------------------------------------------------- in this process
+
+
+def _tiny_upstream_gemma3(sliding_window=SLIDING_WINDOW):
+    """A tiny transformers Gemma 3 (no Gaudi port involved in this process), eager attention."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(
+        vocab_size=80, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=7)
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                          boi_token_index=77, eoi_token_index=78, image_token_index=79)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+def test_masks_equal_the_ones_transformers_gemma3_builds():
+    model = _tiny_upstream_gemma3()
+    image = [79] * 4
+    rows = [
+        # two images apart, a text tail longer than the window
+        [2, 10, 11] + [77] + image + [78] + [12, 13, 14] + [77] + image + [78] + [15, 16, 17, 18],
+        # two images back to back (one run of image tokens for transformers)
+        [2, 20] + image + image + [21, 22],
+        # an image at the very end
+        [2, 30, 31, 32, 33, 34, 35, 77] + image,
+    ]
+    length = max(map(len, rows))  # right padding, as the collator pads
+    input_ids = torch.tensor([row + [0] * (length - len(row)) for row in rows])
+    attention_mask = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows])
+    token_type_ids = (input_ids == 79).long()
+
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured.update(kwargs["attention_mask"])
+
+    model.model.language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():  # no pixel_values: the masks still come from token_type_ids
+        model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+    ours = run_lora_vlm.gemma3_reference_attention_masks(attention_mask, token_type_ids, SLIDING_WINDOW, torch.float32)
+
+    assert set(ours) == set(captured) == {"full_attention", "sliding_attention"}
+    for kind in ours:
+        assert ours[kind].shape == captured[kind].shape == (3, 1, length, length)
+        assert torch.equal(ours[kind], captured[kind]), kind
+    # The pattern is not a plain causal one: an image token sees a later token of its own image, on both kinds,
+    # and the sliding layer hides a key the full layer shows.
+    assert ours["sliding_attention"][0, 0, 4, 7] == 0 and ours["full_attention"][0, 0, 4, 7] == 0
+    assert ours["sliding_attention"][0, 0, 20, 0] < 0 and ours["full_attention"][0, 0, 20, 0] == 0
+
+
+def test_masks_build_without_reading_values_back():
+    """On the meta device any host read or data-dependent shape fails: the masks need neither."""
+    attention_mask = torch.ones(2, 40, dtype=torch.long, device="meta")
+    token_type_ids = torch.zeros(2, 40, dtype=torch.long, device="meta")
+    masks = run_lora_vlm.gemma3_reference_attention_masks(attention_mask, token_type_ids, 16, torch.bfloat16)
+    assert {kind: (m.shape, m.dtype, m.device.type) for kind, m in masks.items()} == {
+        "full_attention": ((2, 1, 40, 40), torch.bfloat16, "meta"),
+        "sliding_attention": ((2, 1, 40, 40), torch.bfloat16, "meta"),
+    }
+
+
+def _gaudi_args(**flags):
+    defaults = dict(use_habana=True, do_train=True, attn_implementation="gaudi_fused_sdpa",
+                    flash_attention_causal_mask=False, flash_attention_fast_softmax=False,
+                    flash_attention_recompute=False)
+    return SimpleNamespace(**{**defaults, **flags})
+
+
+def test_flash_attention_causal_mask_is_refused_for_gemma3():
+    with pytest.raises(ValueError, match="--flash_attention_causal_mask"):
+        run_lora_vlm.check_gemma3_hpu_attention_flags("gemma3", _gaudi_args(flash_attention_causal_mask=True))
+    with pytest.raises(ValueError, match="--flash_attention_fast_softmax with --flash_attention_recompute"):
+        run_lora_vlm.check_gemma3_hpu_attention_flags(
+            "gemma3", _gaudi_args(flash_attention_fast_softmax=True, flash_attention_recompute=True))
+    # Each of them alone is fine, and so is fast softmax with recompute when nothing is trained.
+    run_lora_vlm.check_gemma3_hpu_attention_flags("gemma3", _gaudi_args(flash_attention_fast_softmax=True))
+    run_lora_vlm.check_gemma3_hpu_attention_flags("gemma3", _gaudi_args(flash_attention_recompute=True))
+    run_lora_vlm.check_gemma3_hpu_attention_flags(
+        "gemma3", _gaudi_args(flash_attention_fast_softmax=True, flash_attention_recompute=True, do_train=False))
+    # Other families never receive these options.
+    run_lora_vlm.check_gemma3_hpu_attention_flags("llava_next", _gaudi_args(flash_attention_causal_mask=True))
+
+
+def test_reference_attention_is_not_installed_off_gaudi():
+    model = _tiny_upstream_gemma3()
+    assert run_lora_vlm.use_gemma3_reference_attention(model, SimpleNamespace(use_habana=False)) is None
+    assert not model.model._forward_pre_hooks
+
+
+# --------------------------------------------------------------------------- the Gaudi port, in a subprocess
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """Upstream transformers here (optimum.habana is never imported in this process); the port in a subprocess."""
+    from test_habana_double import _subprocess_env
+
+    work = tmp_path_factory.mktemp("gemma3_attention")
+    torch.save(_reference_case(work), work / "case.pt")
+    env = _subprocess_env()  # the double first on PYTHONPATH; then run_lora_vlm.py's folder
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(HERE.parent)])
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(work)], cwd=str(HERE.parent),
+                          env=env, capture_output=True, text=True, timeout=900)
+    out = work / "result.json"
+    if proc.returncode != 0 or not out.exists():
+        pytest.fail(f"subprocess failed (rc={proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")
+    return json.loads(out.read_text())
+
+
+def test_same_weights_are_loaded_into_the_port(compared):
+    # The whole port, as on Gaudi: its text model too (only built when the port is in place before the model).
+    assert compared["model_cls"] == "GaudiGemma3ForConditionalGeneration"
+    assert compared["text_model_cls"] == "GaudiGemma3TextModel"
+    assert compared["unexpected_keys"] == [] and compared["missing_parameters"] == []
+    assert compared["lora_parameters"] > 0
+    # The batch: images, right padding, every row longer than the sliding window.
+    assert compared["row_lengths"][0] > compared["row_lengths"][1] > SLIDING_WINDOW
+    assert compared["images"] == 3
+
+
+@pytest.mark.parametrize("variant", ["eager", "fused", "fused_recompute", "fused_fast_softmax"])
+def test_port_with_reference_masks_matches_transformers(compared, variant):
+    r = compared["variants"][variant]
+    assert r["max_logit_diff"] <= ATOL
+    assert r["loss_diff"] <= ATOL
+    assert r["grads_compared"] == compared["lora_parameters"]
+    assert r["max_grad_diff"] <= ATOL
+    assert r["reference_max_grad"] > 100 * ATOL  # the gradients compared are not all ~0
+
+
+def test_fused_variants_really_run_the_fused_kernel_with_the_mask(compared):
+    assert compared["variants"]["eager"]["fused_calls"] == []
+    length = compared["row_lengths"][0]
+    for variant, recompute, softmax in (("fused", False, "none"), ("fused_recompute", True, "none"),
+                                        ("fused_fast_softmax", False, "fast")):
+        calls = compared["variants"][variant]["fused_calls"]
+        assert len(calls) == 2, variant  # one per decoder layer
+        for call in calls:
+            assert call["mask_shape"] == [2, 1, length, length] and not call["is_causal"]
+            assert call["recompute"] == recompute and call["softmax_mode"] == softmax and call["requires_backward"]
+
+
+def test_text_only_rows_match_too(compared):
+    """No image: only the sliding window and padding shape the masks."""
+    r = compared["text_only"]
+    assert r["max_logit_diff"] <= ATOL and r["max_grad_diff"] <= ATOL
+
+
+def test_port_without_the_product_masks_differs(compared):
+    # Its own masks: image tokens attend causally only, and (text-only rows too) its sliding window is one
+    # key wider than transformers' (optimum/habana/transformers/modeling_attn_mask_utils.py:60-65).
+    assert compared["port_own_masks"]["max_logit_diff"] > CLEARLY_DIFFERENT
+    assert compared["port_own_masks"]["max_grad_diff"] > CLEARLY_DIFFERENT
+    assert compared["port_own_masks_text_only"]["max_logit_diff"] > CLEARLY_DIFFERENT
+
+
+def test_flash_attention_causal_mask_changes_the_result(compared):
+    r = compared["causal_mask_flag"]
+    assert r["max_logit_diff"] > CLEARLY_DIFFERENT
+    assert r["fused_causal_calls"] == 2  # is_causal=True, no mask, on both layers
+
+
+def test_fast_softmax_with_recompute_fails_in_training(compared):
+    # What Habana's FusedSDPA wrapper asserts when a masked (non-causal) call trains with both options.
+    assert compared["fast_softmax_recompute_error"].startswith("AssertionError: Optimized softmax mode")
+
+
+def test_double_fused_sdpa_computes_what_torch_sdpa_computes(compared):
+    """Mask, scale, causal flag, grouped heads and valid lengths, against torch (tests/habana_double/README.md)."""
+    kernel = dict(compared["kernel"])
+    assert kernel.pop("unmasked_vs_causal") > CLEARLY_DIFFERENT  # the cases below do tell masks apart
+    assert kernel and all(gap <= 1e-6 for gap in kernel.values()), kernel
+
+
+# --------------------------------------------------------------------------- shared: the reference case here, the port in the subprocess
+
+
+def _batch(tokenizer, config, with_images=True):
+    """Two rows, the second right-padded; labels on each row's last tokens, as the collator marks answers."""
+    gen = torch.Generator().manual_seed(1)
+    boi, eoi, image = config.boi_token_index, config.eoi_token_index, config.image_token_id
+    first_text = 9 + 256  # past the special and byte-fallback tokens
+
+    def text(n):
+        return torch.randint(first_text, image, (n,), generator=gen).tolist()
+
+    picture = [boi] + [image] * config.mm_tokens_per_image + [eoi] if with_images else text(6)
+    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+    rows = [[bos] + text(3) + picture + text(4) + picture + text(5), [bos] + text(2) + picture + text(4)]
+    length = max(map(len, rows))
+    input_ids = torch.tensor([row + [pad] * (length - len(row)) for row in rows])
+    attention_mask = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows])
+    labels = input_ids.clone()
+    for i, row in enumerate(rows):
+        labels[i, : len(row) - 4] = run_lora_vlm.IGNORE_INDEX
+        labels[i, len(row):] = run_lora_vlm.IGNORE_INDEX
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": (input_ids == image).long()}
+    if with_images:
+        size = config.vision_config.image_size
+        batch["pixel_values"] = torch.randn(int((input_ids == boi).sum()), 3, size, size, generator=gen)
+    return batch, labels, [len(row) for row in rows]
+
+
+def _forward_backward(model, batch, labels, **model_inputs):
+    model.zero_grad(set_to_none=True)
+    outputs = model(**batch, **model_inputs)
+    loss = run_lora_vlm.causal_lm_loss(outputs, labels)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {"logits": outputs.logits.detach().float(), "loss": loss.item(), "grads": grads}
+
+
+def _compare(result, reference):
+    assert result["grads"].keys() == reference["grads"].keys()
+    return {
+        "max_logit_diff": (result["logits"] - reference["logits"]).abs().max().item(),
+        "loss_diff": abs(result["loss"] - reference["loss"]),
+        "grads_compared": len(reference["grads"]),
+        "max_grad_diff": max((result["grads"][n] - g).abs().max().item() for n, g in reference["grads"].items()),
+        "reference_max_grad": max(g.abs().max().item() for g in reference["grads"].values()),
+    }
+
+
+def _port_inputs(**flags):
+    """The port's forward options (models/gemma3/modeling_gemma3.py:945-950), as the collator sends them on Gaudi."""
+    return {"use_flash_attention": False, "flash_attention_recompute": False, "flash_attention_causal_mask": False,
+            "flash_attention_fast_softmax": False, "lazy_mode": True, **flags}
+
+
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,  # random B too: every LoRA weight gets a gradient
+            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)")
+
+
+def _reference_case(config_dir):
+    """Weights, batches and upstream transformers' logits, loss and LoRA gradients for them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma3ForConditionalGeneration
+
+    import tiny_assets
+
+    tokenizer = tiny_assets.build_tokenizer()
+    config = tiny_assets.build_config(tokenizer)
+    config.text_config.sliding_window = SLIDING_WINDOW
+    config.save_pretrained(config_dir)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    reference = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # a fresh projector is all zeros, which would cut the images off
+        reference.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.5)
+    reference = get_peft_model(reference, LoraConfig(**LORA)).train()
+    case = {"weights": {k: v.clone() for k, v in reference.state_dict().items()}}
+    for name, with_images in (("images", True), ("text_only", False)):
+        batch, labels, row_lengths = _batch(tokenizer, config, with_images)
+        case[name] = {"batch": batch, "labels": labels, "row_lengths": row_lengths,
+                      "expected": _forward_backward(reference, batch, labels)}
+    return case
+
+
+def _fused_sdpa_against_torch():
+    """The double's FusedSDPA against torch's own scaled_dot_product_attention, case by case (max abs diff)."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from habana_frameworks.torch.hpex.kernels import FusedSDPA
+
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, heads, 6, 8, generator=gen) for heads in (4, 2, 2))  # grouped: 2 query heads per k/v head
+    additive = torch.randn(2, 1, 6, 6, generator=gen)
+    allowed = torch.rand(2, 1, 6, 6, generator=gen) > 0.3
+    allowed[..., 0] = True  # no row without a visible key
+    valid = torch.tensor([4, 6])
+    key = torch.arange(6)
+    causal = key[None, :] <= key[:, None]
+    right = (key[None, :] < valid[:, None]).view(2, 1, 1, 6) & causal
+    left = (key[None, :] >= 6 - valid[:, None]).view(2, 1, 1, 6) & causal
+    real_query = (key[None, :] >= 6 - valid[:, None]).view(2, 1, 6, 1)  # left padding: rows of real tokens
+
+    def diff(ours, theirs, rows=None):
+        gap = (ours - theirs).abs()
+        return (gap if rows is None else gap * rows).max().item()
+
+    return {
+        "additive_mask_scale": diff(FusedSDPA.apply(q, k, v, additive, 0.0, False, 0.3, "None"),
+                                    sdpa(q, k, v, additive, scale=0.3, enable_gqa=True)),
+        "bool_mask": diff(FusedSDPA.apply(q, k, v, allowed, 0.0, False, None), sdpa(q, k, v, allowed, enable_gqa=True)),
+        "causal": diff(FusedSDPA.apply(q, k, v, None, 0.0, True, None, "fast", True),
+                       sdpa(q, k, v, is_causal=True, enable_gqa=True)),
+        "valid_lengths_right": diff(FusedSDPA.apply(q, k, v, None, 0.0, True, None, "None", False, valid, "right"),
+                                    sdpa(q, k, v, right, enable_gqa=True)),
+        "valid_lengths_left": diff(FusedSDPA.apply(q, k, v, None, 0.0, True, None, "None", False, valid, "left"),
+                                   sdpa(q, k, v, left, enable_gqa=True), rows=real_query),
+        "unmasked_vs_causal": diff(FusedSDPA.apply(q, k, v, None, 0.0, False, None),
+                                   sdpa(q, k, v, is_causal=True, enable_gqa=True)),
+    }
+
+
+def scenario(work):
+    """The port: adapt_transformers_to_gaudi() first, as GaudiTrainingArguments does before the model is loaded."""
+    from test_habana_double import _ensure_torchvision
+
+    _ensure_torchvision()
+    import habana_frameworks
+    from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi
+
+    adapt_transformers_to_gaudi()
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma3Config
+    from transformers.models.gemma3 import modeling_gemma3
+
+    case = torch.load(Path(work) / "case.pt", weights_only=True)
+    config = Gemma3Config.from_pretrained(work)
+    config._attn_implementation = "eager"
+    port = modeling_gemma3.Gemma3ForConditionalGeneration(config)
+    res = {"model_cls": type(port).__name__, "text_model_cls": type(port.model.language_model).__name__}
+    port = get_peft_model(port, LoraConfig(**LORA)).train()
+    missing, unexpected = port.load_state_dict(case["weights"], strict=False)
+    parameters = dict(port.named_parameters())
+    images, text_only = case["images"], case["text_only"]
+    res.update(
+        missing_parameters=sorted(k for k in missing if k in parameters),
+        unexpected_keys=sorted(unexpected),
+        lora_parameters=sum("lora_" in n for n, p in parameters.items() if p.requires_grad),
+        row_lengths=images["row_lengths"],
+        images=len(images["batch"]["pixel_values"]),
+        variants={},
+    )
+
+    def run(inputs, **flags):
+        habana_frameworks.reset()
+        result = _forward_backward(port, inputs["batch"], inputs["labels"], **_port_inputs(**flags))
+        return {**_compare(result, inputs["expected"]),
+                "fused_calls": [c[2] for c in habana_frameworks.calls("hpex.kernels.FusedSDPA.apply")]}
+
+    hook = run_lora_vlm.use_gemma3_reference_attention(port, SimpleNamespace(use_habana=True))
+    for variant, flags in {
+        "eager": {},
+        "fused": {"use_flash_attention": True},
+        "fused_recompute": {"use_flash_attention": True, "flash_attention_recompute": True},
+        "fused_fast_softmax": {"use_flash_attention": True, "flash_attention_fast_softmax": True},
+    }.items():
+        res["variants"][variant] = run(images, **flags)
+    res["text_only"] = run(text_only, use_flash_attention=True)
+    causal = run(images, use_flash_attention=True, flash_attention_causal_mask=True)
+    res["causal_mask_flag"] = {
+        **causal, "fused_causal_calls": sum(c["is_causal"] and c["mask_shape"] is None for c in causal["fused_calls"])
+    }
+    try:
+        run(images, use_flash_attention=True, flash_attention_fast_softmax=True, flash_attention_recompute=True)
+        res["fast_softmax_recompute_error"] = None
+    except Exception as e:  # noqa: BLE001 - the type is the result
+        res["fast_softmax_recompute_error"] = f"{type(e).__name__}: {e}"
+
+    hook.remove()
+    res["port_own_masks"] = run(images)
+    res["port_own_masks_text_only"] = run(text_only)
+    with torch.no_grad():
+        res["kernel"] = _fused_sdpa_against_torch()
+    return res
+
+
+if __name__ == "__main__":
+    Path(sys.argv[1], "result.json").write_text(json.dumps(scenario(sys.argv[1]), indent=1))
