@@ -37,10 +37,13 @@ A single `.json` file holding the same keys may replace all the flags.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import difflib
 import functools
+import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import logging
@@ -55,13 +58,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import datasets
-import jinja2
 import numpy as np
+import pyarrow as pa
 import torch
 import transformers
 from accelerate.utils import gather_object
 from datasets.data_files import DataFilesDict
-from PIL import Image, ImageOps
+from datasets.fingerprint import Hasher
+from PIL import ExifTags, Image, ImageOps
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
@@ -191,8 +195,14 @@ class DataArguments:
     )
     length_buckets: Optional[list[int]] = field(
         default=None,
-        metadata={"help": "Lengths for --padding_strategy bucket. Default: 1/4, 1/2, 3/4 and all of --max_seq_length."},
+        metadata={
+            "help": "Lengths for --padding_strategy bucket; the largest must be --max_seq_length. Default: up to 4 "
+            "lengths chosen from the rows' token lengths to pad least (1/4, 1/2, 3/4 and all of --max_seq_length "
+            "where no lengths are measured)."
+        },
     )
+    # Whether --length_buckets was given; if not, the buckets are chosen from the data (settle_length_buckets).
+    length_buckets_given: bool = field(default=False, init=False, repr=False)
     fixed_image_size: Optional[list[int]] = field(
         default=None,
         metadata={
@@ -214,8 +224,18 @@ class DataArguments:
             "choices": ["error", "skip"],
         },
     )
+    validate_rows: str = field(
+        default="full",
+        metadata={
+            "help": "'full': before the model loads, check every selected row (schema, text, chat template, image "
+            "headers, token length) and report all bad rows at once (cached, so a rerun is instant); 'none': find "
+            "bad rows only when a batch reaches them.",
+            "choices": ["full", "none"],
+        },
+    )
 
     def __post_init__(self):
+        self.length_buckets_given = self.length_buckets is not None
         if "{question}" not in self.question_template:
             raise UsageError(f"--question_template must contain a {{question}} slot, got {self.question_template!r}.")
         try:
@@ -613,6 +633,9 @@ def main(args: ScriptArguments) -> Trainer:
 
     # Encoder and collator: one chat encoder; labels keep the assistant's tokens only.
     encoder = ChatEncoder(processor, family, schema, data_args, image_base_dir)
+    # Every selected row checked before the model loads (bad rows stop the run, or are dropped); buckets from lengths.
+    splits = validate_rows(encoder, splits, skipped_rows, training_args, model_args.cache_dir)
+    settle_length_buckets(encoder, splits, training_args)
     collator = VisionChatCollator(encoder, data_args, skipped_rows, hpu_model_inputs(training_args, family))
     if training_args.should_log:
         log_trained_sample(collator, splits)
@@ -941,12 +964,17 @@ def cut_rows(row_indices: np.ndarray, limit: Optional[int], selection: str, seed
 
 
 class IndexedRows(torch.utils.data.Dataset):
-    """One split, read row by row on demand; each item carries the split name and its row index in that split."""
+    """One split, read row by row on demand; each item carries the split name and its row index in that split.
 
-    def __init__(self, dataset: datasets.Dataset, split: str, row_indices: np.ndarray):
+    `token_lengths` (one per row, once the validation pass measured them) are the rows' lengths in tokens.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, split: str, row_indices: np.ndarray,
+                 token_lengths: Optional[np.ndarray] = None):
         self.dataset = dataset
         self.split = split
         self.row_indices = row_indices
+        self.token_lengths = token_lengths
 
     def __len__(self) -> int:
         return len(self.row_indices)
@@ -1139,6 +1167,9 @@ def check_conversation(messages: list[dict], num_images: int) -> None:
     placeholders = sum(part["type"] == "image" for m in messages for part in m["content"])
     if placeholders != num_images:
         raise InvalidRowError("image_count_mismatch", f"{placeholders} image placeholders but {num_images} images")
+    if next((m["role"] for m in messages if m["role"] != "system"), None) == "assistant":
+        # Templates disagree on such chats (Gemma 3's rejects them, others index past the start): one answer for all.
+        raise InvalidRowError("bad_conversation", "the conversation starts with an assistant turn, before any user turn")
     assistant_turns = [m["content"] for m in messages if m["role"] == "assistant"]
     if not assistant_turns:
         raise InvalidRowError("no_assistant_turn", "the conversation has no assistant message")
@@ -1158,29 +1189,54 @@ def open_image(value: Any, base_dir: Optional[Path]) -> Image.Image:
     datasets.Image decodes the file and turns it by its EXIF orientation; what this adds: paths relative to the
     dataset, a bad or missing image as a bad row (not a crash), and `to_rgb`.
     """
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
+    source = image_source(value, base_dir)
     try:
-        if isinstance(value, Image.Image):
-            return to_rgb(ImageOps.exif_transpose(value))
-        if isinstance(value, (bytes, bytearray)):
-            encoded = {"bytes": bytes(value), "path": None}
-        elif isinstance(value, str) and value:
-            path = Path(value)
-            if not path.is_absolute() and base_dir is not None:
-                path = base_dir / path
-            if not path.is_file():
-                raise InvalidRowError("image_missing", f"image file {str(path)!r} does not exist")
-            encoded = {"bytes": None, "path": str(path)}
-        else:
-            raise InvalidRowError("image_missing", f"no image in the row (got {type(value).__name__})")
+        if isinstance(source, Image.Image):
+            return to_rgb(ImageOps.exif_transpose(source))
+        encoded = {"bytes": source, "path": None} if isinstance(source, bytes) else {"bytes": None, "path": source}
         return to_rgb(datasets.Image().decode_example(encoded))
     # DecompressionBombError (an image past Pillow's pixel limit) is no OSError; without it here one giant image
     # would end the run even with --invalid_rows skip.
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        if isinstance(e, InvalidRowError):
-            raise
         raise InvalidRowError("image_unreadable", f"cannot decode image: {e}") from e
+
+
+def image_size(value: Any, base_dir: Optional[Path]) -> tuple[int, int]:
+    """(height, width) of the image `open_image` would return, from the file's header: no pixel is decoded.
+
+    A missing or unreadable file is the same bad row as in open_image; what only decoding finds (truncated pixel
+    data) is left to open_image, per batch.
+    """
+    source = image_source(value, base_dir)
+    try:
+        opened = source if isinstance(source, Image.Image) else Image.open(
+            io.BytesIO(source) if isinstance(source, bytes) else source
+        )
+        with contextlib.nullcontext(opened) if opened is source else opened as image:
+            width, height = image.size
+            # The EXIF orientation open_image applies, read only where the header holds it: a PNG's getexif()
+            # decodes the whole image to look behind its pixel data (PIL/PngImagePlugin.py:1117-1121).
+            if "exif" in image.info and image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
+                width, height = height, width
+            return height, width
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidRowError("image_unreadable", f"cannot read the image header: {e}") from e
+
+
+def image_source(value: Any, base_dir: Optional[Path]):
+    """A row's image as a PIL image, encoded bytes or the path of an existing file; a bad row when there is none."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (Image.Image, bytes, bytearray)):
+        return bytes(value) if isinstance(value, bytearray) else value
+    if isinstance(value, str) and value:
+        path = Path(value)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if not path.is_file():
+            raise InvalidRowError("image_missing", f"image file {str(path)!r} does not exist")
+        return str(path)
+    raise InvalidRowError("image_missing", f"no image in the row (got {type(value).__name__})")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -1279,6 +1335,297 @@ class SkippedRows:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Data: validation pass
+# ---------------------------------------------------------------------------------------------------
+
+
+def validate_rows(encoder: ChatEncoder, splits: dict, skipped_rows: SkippedRows, training_args,
+                  cache_dir: Optional[str] = None) -> dict:
+    """--validate_rows full: before the model loads, check every selected row as the collator will encode it (but
+    from image headers, without decoding pixels) and report all bad rows at once.
+
+    --invalid_rows error stops with that report; skip drops the bad rows from the row index, so that epochs,
+    max_steps and rank shares count good rows only, and lists them in skipped_rows.json. Returns the splits, each
+    with its rows' token lengths. Results are cached by the rows' fingerprint: a rerun of a command is instant.
+    """
+    if encoder.data_args.validate_rows == "none":
+        return splits
+    cache = Path(cache_dir or datasets.config.HF_DATASETS_CACHE, "run_lora_vlm_row_checks")
+    # The first process checks and caches; the others read its results, so every rank drops the same rows.
+    with training_args.main_process_first(desc="checking every row"):
+        checked = {name: check_split(encoder, rows, cache) for name, rows in splits.items()}
+    valid, bad_rows = {}, []
+    for name, rows in splits.items():
+        reasons = np.asarray(checked[name]["reason"], dtype=object)
+        if (reasons != "").any():
+            details = checked[name]["detail"]
+            bad_rows += [(rows.split, int(rows.row_indices[i]), reasons[i], details[i]) for i in np.flatnonzero(reasons != "")]
+        good = reasons == ""
+        valid[name] = IndexedRows(rows.dataset, rows.split, rows.row_indices[good], np.asarray(checked[name]["length"])[good])
+    total = sum(len(rows) for rows in splits.values())
+    if not bad_rows:
+        logger.info(f"Checked {total} rows: all valid.")
+        return valid
+    summary = describe_bad_rows(bad_rows, total)
+    if encoder.data_args.invalid_rows == "error":
+        raise UsageError(
+            f"{summary}. Fix these rows, or pass --invalid_rows skip to drop them (they are then listed in skipped_rows.json)."
+        )
+    logger.warning(f"{summary}. They are dropped (--invalid_rows skip) and listed in skipped_rows.json.")
+    if training_args.should_save:  # one record for the run, not one per rank
+        for split, row_index, reason, detail in bad_rows:
+            skipped_rows.record("skipped", split, row_index, reason, detail)
+    emptied = [rows.split for name, rows in valid.items() if len(rows) == 0 < len(splits[name])]
+    if emptied:
+        raise UsageError(f"No valid row is left in {emptied}: {summary}.")
+    return valid
+
+
+def describe_bad_rows(bad_rows: list[tuple], total: int) -> str:
+    """One line: per reason, how many rows, the first of them and one's detail, most frequent reason first."""
+    by_reason = collections.defaultdict(list)
+    for entry in bad_rows:
+        by_reason[entry[2]].append(entry)
+    parts = []
+    for reason, entries in sorted(by_reason.items(), key=lambda item: -len(item[1])):
+        first = ", ".join(f"{split} row {index}" for split, index, _, _ in entries[:5]) + (", ..." if len(entries) > 5 else "")
+        parts.append(f"{reason} x{len(entries)} ({first}; e.g. {' '.join(entries[0][3].split()):.150})")
+    return f"{len(bad_rows)} of {total} rows are invalid: " + "; ".join(parts)
+
+
+ROW_CHECK_FEATURES = datasets.Features(
+    {"reason": datasets.Value("string"), "detail": datasets.Value("string"), "length": datasets.Value("int32")}
+)
+# Flags that change nothing a row check finds; a rerun that changes only them (say, to --invalid_rows skip after an
+# error report) reads the cached checks.
+ROW_CHECK_UNUSED_FLAGS = ("padding_strategy", "length_buckets", "length_buckets_given", "invalid_rows", "validate_rows")
+ROWS_PER_CHECK_PROCESS = 1000
+MAX_CHECK_PROCESSES = 8
+
+
+def check_split(encoder: ChatEncoder, rows: IndexedRows, cache: Path) -> datasets.Dataset:
+    """RowChecker over the selected rows of one split by datasets.map: in parallel when there are many, and cached
+    under a fingerprint of everything the checks depend on."""
+    schema = encoder.schema
+    columns = [c for c in (schema.image_column, schema.text_column, schema.target_column) if c]
+    selected = rows.dataset.select(rows.row_indices).select_columns(columns)
+    if len(selected) == 0:
+        return datasets.Dataset.from_dict({"reason": [], "detail": [], "length": []}, features=ROW_CHECK_FEATURES)
+    fingerprint = row_check_fingerprint(encoder, selected)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = min(cores, len(selected) // ROWS_PER_CHECK_PROCESS, MAX_CHECK_PROCESSES)
+    caching = datasets.is_caching_enabled()
+    if caching:
+        cache.mkdir(parents=True, exist_ok=True)
+    return selected.map(
+        RowChecker(encoder), batched=True, remove_columns=columns, features=ROW_CHECK_FEATURES,
+        num_proc=processes if processes > 1 else None, new_fingerprint=fingerprint, keep_in_memory=not caching,
+        cache_file_name=str(cache / f"{fingerprint}.arrow") if caching else None, desc=f"Checking {rows.split} rows",
+    )
+
+
+def row_check_fingerprint(encoder: ChatEncoder, selected: datasets.Dataset) -> str:
+    """What a split's checks depend on: its rows, this script, the processor, the data flags, and the size and time
+    of every image file the rows name rather than embed (an edited file is checked anew)."""
+    flags = {k: v for k, v in dataclasses.asdict(encoder.data_args).items() if k not in ROW_CHECK_UNUSED_FLAGS}
+    # A call's padding settings stay on a fast tokenizer, and so in its hash, until a plain call resets them
+    # (transformers/tokenization_utils_fast.py:473-497).
+    encoder.tokenizer("")
+    files = [name for chunk in selected.data.column(encoder.schema.image_column).chunks for name in named_files(chunk)]
+    return Hasher.hash([
+        selected._fingerprint, script_digest(), encoder.processor, encoder.family, encoder.schema, flags,
+        encoder.image_kwargs, str(encoder.image_base_dir), [file_stamp(name, encoder.image_base_dir) for name in files],
+    ])
+
+
+@functools.cache
+def script_digest() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def named_files(array: pa.Array) -> list[str]:
+    """The file names in an image column: strings, datasets.Image's {bytes, path} structs, or lists of either."""
+    kind = array.type
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return named_files(array.flatten())
+    if pa.types.is_struct(kind) and kind.get_field_index("path") >= 0 and kind.get_field_index("bytes") >= 0:
+        # A path beside embedded bytes is only a name.
+        return named_files(array.field("path").filter(array.field("bytes").is_null()))
+    return [name for name in array.to_pylist() if name] if pa.types.is_string(kind) or pa.types.is_large_string(kind) else []
+
+
+def file_stamp(name: str, base_dir: Optional[Path]) -> tuple:
+    path = Path(name) if base_dir is None or Path(name).is_absolute() else base_dir / name
+    try:
+        stat = path.stat()
+        return name, stat.st_size, stat.st_mtime_ns
+    except OSError:
+        return name, None
+
+
+class RowChecker:
+    """The datasets.map function of the validation pass: checks a batch of rows as the collator would encode them.
+
+    Per row: the canonical chat and its texts (ChatEncoder.rendered_chat), each image's header, and the length in
+    tokens: the rendered chat tokenized with one image token per image, plus each image's other tokens (the
+    processor's count for the image's size). Returns each row's reason and detail ("" if valid) and length.
+    """
+
+    def __init__(self, encoder: ChatEncoder):
+        self.encoder = encoder
+        self.image_tokens = {}  # (height, width) -> the image tokens of an image of that size, or its InvalidRowError
+
+    def __call__(self, batch: dict) -> dict:
+        encoder = self.encoder
+        size = len(next(iter(batch.values())))
+        result = {"reason": [""] * size, "detail": [""] * size, "length": [0] * size}
+        measured = []
+        for position in range(size):
+            try:
+                example, text, spans = encoder.rendered_chat({column: values[position] for column, values in batch.items()})
+                counts = [self.count(image_size(image, encoder.image_base_dir)) for image in example["images"]]
+                measured.append((position, text, spans, counts))
+            except InvalidRowError as e:
+                result["reason"][position], result["detail"][position] = e.reason, e.detail
+        if not measured:
+            return result
+        one_token_image = image_text(encoder.processor, 1)
+        texts = [text.replace(encoder.placeholder, one_token_image) for _, text, _, _ in measured]
+        encoded = encoder.tokenizer(texts, add_special_tokens=encoder.tokenizer_adds_bos(texts[0]), return_offsets_mapping=True)
+        for (position, text, spans, counts), ids, offsets in zip(measured, encoded["input_ids"], encoded["offset_mapping"]):
+            try:
+                result["length"][position] = self.length(text, spans, counts, np.asarray(ids), np.asarray(offsets))
+            except InvalidRowError as e:
+                result["reason"][position], result["detail"][position] = e.reason, e.detail
+        return result
+
+    def count(self, size: tuple[int, int]) -> int:
+        """The image tokens of an image of `size` (height, width, before --fixed_image_size), from the processor's
+        own arithmetic where it has one (no pixels; e.g. transformers/models/qwen2_5_vl/processing_qwen2_5_vl.py:205,
+        llava_next/processing_llava_next.py:228, gemma3/processing_gemma3.py:154), else from a blank image's tokens."""
+        encoder = self.encoder
+        size = tuple(encoder.data_args.fixed_image_size or size)
+        if size not in self.image_tokens:
+            processor = encoder.processor
+            try:
+                if hasattr(processor, "_get_num_multimodal_tokens"):
+                    count = processor._get_num_multimodal_tokens(image_sizes=[size], **encoder.image_kwargs)["num_image_tokens"][0]
+                else:
+                    processed = encoder.process([encoder.placeholder], [[Image.new("RGB", size[::-1])]])
+                    count = encoder.family.image_token_counts(processor, processed)[0]
+                if len(image_text(processor, count)) != encoder.family.expanded_length(processor, count):
+                    raise RuntimeError(f"image_text does not expand images as MODEL_FAMILIES says for {type(processor).__name__}")
+                self.image_tokens[size] = int(count)
+            except (ValueError, ZeroDivisionError) as e:  # e.g. Qwen2.5-VL refuses images 200 times wider than high
+                self.image_tokens[size] = InvalidRowError(
+                    "processor_error", f"the processor rejects a {size[1]}x{size[0]} image: {type(e).__name__}: {e}"
+                )
+        if isinstance(self.image_tokens[size], InvalidRowError):
+            raise self.image_tokens[size]
+        return self.image_tokens[size]
+
+    def length(self, text: str, spans: list, counts: list[int], ids: np.ndarray, offsets: np.ndarray) -> int:
+        """The row's length once each image has all its tokens; a bad row as the collator's check_fits finds it."""
+        encoder = self.encoder
+        growth = len(image_text(encoder.processor, 1)) - len(encoder.placeholder)
+        spans = shift_spans_for_images(text, spans, encoder.placeholder, [growth] * len(counts))
+        trained = np.flatnonzero(assistant_token_labels(ids, offsets.reshape(-1, 2)[:, 0], spans) != IGNORE_INDEX)
+        image_positions = np.flatnonzero(ids == encoder.image_token_id)
+        if len(image_positions) != len(counts):
+            raise RuntimeError(f"{len(image_positions)} image tokens for {len(counts)} images in the checked text of {text!r:.200}")
+        # Each image is one token here: the rest of its tokens move every later position.
+        added_before = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64) - 1)])
+        length = len(ids) + int(added_before[-1])
+        check_fits(length, trained + added_before[np.searchsorted(image_positions, trained)], encoder.data_args.max_seq_length)
+        return length
+
+
+def settle_length_buckets(encoder: ChatEncoder, splits: dict, training_args) -> None:
+    """--padding_strategy bucket without --length_buckets: buckets chosen from the rows' token lengths.
+
+    The lengths are those the validation pass measured (every row, so the largest bucket just holds the longest
+    one), or with --validate_rows none those of a seeded sample (the largest bucket is then --max_seq_length).
+    Every rank computes the same buckets: the same rows (same data, selection and seed), measured by the same
+    deterministic code (ranks after the first read the first one's cached checks), and an exact, deterministic
+    search; training and evaluation batches use them alike.
+    """
+    data_args = encoder.data_args
+    if data_args.padding_strategy != "bucket" or data_args.length_buckets_given:
+        return
+    measured = [rows.token_lengths for rows in splits.values()]
+    if all(lengths is not None for lengths in measured):
+        lengths, source, longest = np.concatenate(measured), "every row", None
+    else:
+        lengths, source, longest = sampled_lengths(encoder, splits, training_args.seed), "a sample of rows", data_args.max_seq_length
+    if len(lengths) == 0:
+        return
+    batch_size = training_args.per_device_train_batch_size if "train" in splits else training_args.per_device_eval_batch_size
+    buckets, padded = choose_length_buckets(lengths, data_args.max_seq_length, batch_size, longest=longest)
+    data_args.length_buckets = buckets
+    mean = float(np.minimum(lengths, data_args.max_seq_length).mean())
+    logger.info(
+        f"Length buckets {buckets}, chosen from the lengths of {source} ({len(lengths)} rows of {int(lengths.min())} to "
+        f"{int(lengths.max())} tokens): about {100 * (1 - mean / padded):.1f}% padding in batches of {batch_size}."
+    )
+
+
+ROWS_SAMPLED_FOR_BUCKETS = 1000
+
+
+def sampled_lengths(encoder: ChatEncoder, splits: dict, seed: int) -> np.ndarray:
+    """Token lengths of a seeded sample of the splits' rows (the valid ones), measured as the validation pass does."""
+    pooled = [(rows, position) for rows in splits.values() for position in range(len(rows))]
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(len(pooled), size=min(len(pooled), ROWS_SAMPLED_FOR_BUCKETS), replace=False))
+    checker, lengths = RowChecker(encoder), []
+    for rows, positions in itertools.groupby((pooled[i] for i in picked), key=lambda pair: pair[0]):
+        batch = rows.dataset[[int(rows.row_indices[position]) for _, position in positions]]
+        checked = checker(batch)
+        lengths += [length for length, reason in zip(checked["length"], checked["reason"]) if not reason]
+    return np.asarray(lengths, dtype=np.int64)
+
+
+def choose_length_buckets(lengths, max_seq_length: int, batch_size: int, max_buckets: int = 4, multiple: int = 16,
+                          longest: Optional[int] = None) -> tuple[list[int], float]:
+    """At most `max_buckets` lengths, multiples of `multiple` (or --max_seq_length), the largest `longest` or else
+    holding the longest row, that minimize a random batch's expected padded length; returns them and that length.
+
+    A batch of `batch_size` rows is padded to the smallest bucket holding its longest row, which has at most L
+    tokens with probability F(L)**batch_size (F: share of rows of at most L tokens). That expectation is a sum over
+    consecutive buckets, so dynamic programming over the candidate lengths finds the best buckets exactly.
+    """
+    lengths = np.sort(np.minimum(np.asarray(lengths, dtype=np.int64), max_seq_length))
+    candidates = np.unique(np.minimum(-(-lengths // multiple) * multiple, max_seq_length))
+    if longest is not None:
+        candidates = np.union1d(candidates[candidates < longest], [longest])
+    holds = (np.searchsorted(lengths, candidates, side="right") / len(lengths)) ** batch_size
+    # cost[j]: the least expected padded length of the batches that candidates[j], the largest bucket so far, holds.
+    cost, backs = candidates * holds, []
+    best_cost, best_count = cost[-1], 1
+    for _ in range(max_buckets - 1):
+        # added[j, i]: buckets up to candidates[i], then one more at candidates[j] for the batches in between.
+        added = cost[None, :] + candidates[:, None] * (holds[:, None] - holds[None, :])
+        added[np.triu_indices(len(candidates))] = np.inf
+        backs.append(added.argmin(axis=1))
+        cost = added[np.arange(len(candidates)), backs[-1]]
+        if cost[-1] < best_cost:  # strictly: a bucket more must pay for itself
+            best_cost, best_count = cost[-1], len(backs) + 1
+    chosen = [len(candidates) - 1]
+    for back in reversed(backs[:best_count - 1]):
+        chosen.append(int(back[chosen[-1]]))
+    return sorted(int(candidates[j]) for j in chosen), float(best_cost)
+
+
+def image_text(processor, count: int) -> str:
+    """What the processor writes in place of an image placeholder, for an image of `count` tokens: `count` image
+    tokens, which Gemma 3 wraps in its full_image_sequence (newlines and begin/end-of-image markers)."""
+    full = getattr(processor, "full_image_sequence", None)
+    if full is None:
+        return processor.image_token * count
+    return full.replace(processor.image_token * processor.image_seq_length, processor.image_token * count)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Encoding: chat rendering, assistant spans and labels
 # ---------------------------------------------------------------------------------------------------
 
@@ -1306,6 +1653,19 @@ class ChatEncoder:
             if family.pixel_budget_kwargs is None:
                 raise UsageError("--image_min_pixels / --image_max_pixels apply to dynamic-resolution families (qwen2_5_vl).")
             self.image_kwargs.update({k: v for k, v in zip(family.pixel_budget_kwargs, budget) if v is not None})
+        # What a row's text must not hold: strings the processor reads as an image, and the tokenizer's markup
+        # (<bos>, <eos>, <pad>, <unk> and the special tokens the chat template writes, e.g. <end_of_turn>). Other
+        # special tokens are text a row may train on, e.g. Qwen2.5-VL's <|box_start|> in grounding data.
+        markers = [self.placeholder, processor.image_token, *(getattr(processor, f"{k}_token", None) for k in ("boi", "eoi", "video"))]
+        self.image_markers = {marker for marker in markers if marker}
+        tokenizer = self.tokenizer
+        sample = processor.apply_chat_template(
+            [{"role": "user", "content": [text_part("x")]}, {"role": "assistant", "content": [text_part("y")]}], tokenize=False
+        )
+        markup = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token}
+        markup |= {token for token in tokenizer.all_special_tokens if token in sample}
+        reserved = sorted((self.image_markers | markup) - {None, ""}, key=len, reverse=True)
+        self.reserved_text = re.compile("|".join(map(re.escape, reserved)))
 
     @property
     def tokenizer(self):
@@ -1317,26 +1677,53 @@ class ChatEncoder:
 
     def training_chat(self, row: dict) -> tuple[str, list, list]:
         """(rendered chat, assistant spans in characters, decoded images) of one dataset row."""
-        example = normalize_row(row, self.schema, self.data_args)
-        images = [self.open_image(image) for image in example["images"]]
-        try:
+        example, text, spans = self.rendered_chat(row)
+        return text, spans, [self.open_image(image) for image in example["images"]]
+
+    def rendered_chat(self, row: dict) -> tuple[dict, str, list]:
+        """(canonical row, rendered chat, assistant spans in characters) of one dataset row; no image is read."""
+        example = self.canonical_row(row)
+        with self.template_errors_as_bad_rows():
             text, spans = render_with_assistant_spans(self.processor, example["messages"])
-        except jinja2.TemplateError as e:  # the template's own checks, e.g. roles that do not alternate
-            raise InvalidRowError("bad_conversation", f"the chat template rejected it: {e}") from e
-        return text, spans, images
+        return example, text, spans
+
+    def canonical_row(self, row: dict) -> dict:
+        """normalize_row, and no text part holding an image placeholder or special token (the processor would count
+        it as an image, or the tokenizer read it as markup)."""
+        example = normalize_row(row, self.schema, self.data_args)
+        for message in example["messages"]:
+            for part in message["content"]:
+                found = part["type"] == "text" and self.reserved_text.search(part["text"])
+                if found:
+                    kind = "image_placeholder" if found.group() in self.image_markers else "special_token"
+                    raise InvalidRowError(
+                        f"{kind}_in_text", f"the {message['role']} text holds {found.group()!r}, which this model's "
+                        f"{'processor reads as an image' if kind == 'image_placeholder' else 'tokenizer reads as markup'}"
+                    )
+        return example
+
+    @staticmethod
+    @contextlib.contextmanager
+    def template_errors_as_bad_rows():
+        """Whatever the chat template raises on one row's chat (its own checks, e.g. roles that do not alternate,
+        or an IndexError) makes the row a bad one; an unsupported template (UsageError) stays the user's error."""
+        try:
+            yield
+        except UsageError:
+            raise
+        except Exception as e:
+            raise InvalidRowError("bad_conversation", f"the chat template rejected it: {type(e).__name__}: {e}") from e
 
     def generation_prompt(self, row: dict) -> tuple[str, list, list[str], str]:
         """(prompt up to the last assistant turn, decoded images, gold answers, question text) of one row."""
-        example = normalize_row(row, self.schema, self.data_args)
+        example = self.canonical_row(row)
         messages = example["messages"]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         golds = example["answers"] if self.schema.kind != "conversation" else [messages[last]["content"][0]["text"]]
         question = " ".join(p["text"] for p in messages[last - 1]["content"] if p["type"] == "text")
         images = [self.open_image(image) for image in example["images"]]
-        try:
+        with self.template_errors_as_bad_rows():
             text = self.processor.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
-        except jinja2.TemplateError as e:
-            raise InvalidRowError("bad_conversation", f"the chat template rejected it: {e}") from e
         return text, images, golds, question
 
     def open_image(self, value) -> Image.Image:
@@ -1395,6 +1782,17 @@ class ChatEncoder:
                 images_here,
             ))
         return encoded, processed
+
+    def processor_errors(self, chats: list[tuple[str, list, list]]) -> dict[int, InvalidRowError]:
+        """After the processor rejected a batch: the rows it rejects on their own, each as a bad row."""
+        errors = {}
+        for index, (text, _, images) in enumerate(chats):
+            try:
+                self.process([text], [images])
+            # Anything, StopIteration included (LLaVA-NeXT's processor raises it for a surplus <image>).
+            except Exception as e:
+                errors[index] = InvalidRowError("processor_error", f"the processor rejected it: {type(e).__name__}: {e}")
+        return errors
 
     def image_inputs(self, processed: dict, kept: list[int]) -> dict:
         """The per-image model inputs of the images `kept` (rows can be dropped after processing)."""
@@ -1534,9 +1932,10 @@ def decode_collapsing_runs(tokenizer, ids: list[int], min_run: int = 4) -> str:
 class VisionChatCollator:
     """Turns dataset rows into model batches that train on assistant tokens only.
 
-    Rows are encoded here, per batch, so start-up does not depend on dataset size. What this adds to the encoder:
-    bad rows raise (`--invalid_rows error`) or are counted and dropped (`skip`), --max_seq_length, and padding to
-    the lengths --padding_strategy allows.
+    Rows are encoded here, per batch (the start-up validation pass only checks them, from image headers). What this
+    adds to the encoder: bad rows it still finds (pixel data that does not decode, or with --validate_rows none)
+    raise (`--invalid_rows error`) or are counted and dropped (`skip`), --max_seq_length, and padding to the lengths
+    --padding_strategy allows.
     """
 
     def __init__(self, encoder: ChatEncoder, data_args: DataArguments, skipped_rows: SkippedRows,
@@ -1549,6 +1948,14 @@ class VisionChatCollator:
         self.pad_token_id = encoder.pad_token_id
 
     def __call__(self, features: list[dict]) -> dict:
+        try:
+            return self.collate(features)
+        except StopIteration as e:
+            # Leaving here, it would end the DataLoader's epoch early and silently (it means "no more batches").
+            rows = [f"{feature['split']} row {feature['row_index']}" for feature in features]
+            raise RuntimeError(f"StopIteration while building the batch of {rows}") from e
+
+    def collate(self, features: list[dict]) -> dict:
         kept, chats = [], []
         for feature in features:
             try:
@@ -1556,7 +1963,7 @@ class VisionChatCollator:
                 kept.append(feature)
             except InvalidRowError as e:
                 self.skipped_rows.reject(feature, e)
-        rows, processed = self.encoder.encode(chats) if chats else ([], {})
+        kept, rows, processed = self.encode(kept, chats)
         fitted = []
         for feature, row in zip(kept, rows):
             try:
@@ -1565,26 +1972,33 @@ class VisionChatCollator:
                 self.skipped_rows.reject(feature, e)
         return self.pad(fitted, processed, len(features))
 
+    def encode(self, kept: list[dict], chats: list) -> tuple[list[dict], list[EncodedRow], dict]:
+        """Encode the batch; where the processor rejects it, the rows it rejects alone are bad rows, the rest are
+        encoded without them. An error no single row causes is no row's fault, and is raised."""
+        if not chats:
+            return [], [], {}
+        try:
+            return kept, *self.encoder.encode(chats)
+        except Exception:
+            errors = self.encoder.processor_errors(chats)
+            if not errors:
+                raise
+        for index, error in errors.items():
+            self.skipped_rows.reject(kept[index], error)
+        good = [index for index in range(len(chats)) if index not in errors]
+        return self.encode([kept[i] for i in good], [chats[i] for i in good])
+
     def marked_text(self, feature: dict) -> str:
         """One row as the model gets it, with the trained tokens in [[...]]."""
         batch = self([feature])
         return self.encoder.marked_text(batch["input_ids"][0], batch["labels"][0])
+
     def fit_length(self, row: EncodedRow, feature: dict) -> EncodedRow:
         """Apply --max_seq_length: cut only the tail of the last answer, never an image or a whole answer."""
-        trained_positions = np.flatnonzero(row.labels != IGNORE_INDEX)
-        if len(trained_positions) == 0:
-            raise InvalidRowError("no_trained_tokens", "no assistant token survived tokenization")
         limit = self.data_args.max_seq_length
+        check_fits(len(row.input_ids), np.flatnonzero(row.labels != IGNORE_INDEX), limit)
         if len(row.input_ids) <= limit:
             return row
-        # Answers are contiguous runs of trained tokens; the last run is the only one that may be cut.
-        gaps = np.flatnonzero(np.diff(trained_positions) > 1)
-        first_token_of_last_answer = int(trained_positions[gaps[-1] + 1] if len(gaps) else trained_positions[0])
-        if limit <= first_token_of_last_answer:
-            raise InvalidRowError(
-                "too_long", f"{len(row.input_ids)} tokens; the last answer starts at token {first_token_of_last_answer}, "
-                f"beyond --max_seq_length {limit}"
-            )
         self.skipped_rows.reject(feature, InvalidRowError("answer_truncated", f"{len(row.input_ids)} tokens cut to {limit}"), "truncated")
         return dataclasses.replace(
             row,
@@ -1598,7 +2012,8 @@ class VisionChatCollator:
         if strategy == "max_length":
             return self.data_args.max_seq_length
         if strategy == "bucket":
-            return next(length for length in self.data_args.length_buckets if length >= longest)
+            # Rows are cut to --max_seq_length, so it holds any row longer than buckets chosen from measured lengths.
+            return next((length for length in self.data_args.length_buckets if length >= longest), self.data_args.max_seq_length)
         return longest
 
     def pad(self, rows: list[EncodedRow], processed: dict, batch_size: int) -> dict:
@@ -1626,7 +2041,25 @@ class VisionChatCollator:
             batch.update(self.encoder.image_inputs(processed, kept_images))
         # Which rows these are, for error messages; taken out before the model's forward (TrainingLossMonitor).
         batch["row_ids"] = torch.tensor([row.row_index for row in rows], dtype=torch.long)
+        # The model computes logits only where the loss needs them (causal_lm_loss).
+        batch["logits_to_keep"] = kept_logit_positions(batch["labels"])
         return {**batch, **self.extra_model_inputs}
+
+
+def check_fits(length: int, trained_positions: np.ndarray, limit: int) -> None:
+    """A row of `length` tokens is bad with no trained token, or when over `limit` with its last answer starting
+    beyond it (answers are runs of trained tokens, and only the tail of the last one may be cut)."""
+    if len(trained_positions) == 0:
+        raise InvalidRowError("no_trained_tokens", "no assistant token survived tokenization")
+    if length <= limit:
+        return
+    gaps = np.flatnonzero(np.diff(trained_positions) > 1)
+    first_token_of_last_answer = int(trained_positions[gaps[-1] + 1] if len(gaps) else trained_positions[0])
+    if limit <= first_token_of_last_answer:
+        raise InvalidRowError(
+            "too_long", f"{length} tokens; the last answer starts at token {first_token_of_last_answer}, "
+            f"beyond --max_seq_length {limit}"
+        )
 
 
 def dry_run_data(args: ScriptArguments) -> dict:
@@ -1639,7 +2072,10 @@ def dry_run_data(args: ScriptArguments) -> dict:
     _, family, processor = load_processor(args.model)
     splits, schema, image_base_dir = load_data(args.data, args.training, args.model.cache_dir)
     encoder = ChatEncoder(processor, family, schema, args.data, image_base_dir)
-    collator = VisionChatCollator(encoder, args.data, SkippedRows.for_run(args.training, args.data.invalid_rows))
+    skipped_rows = SkippedRows.for_run(args.training, args.data.invalid_rows)
+    splits = validate_rows(encoder, splits, skipped_rows, args.training, args.model.cache_dir)
+    settle_length_buckets(encoder, splits, args.training)
+    collator = VisionChatCollator(encoder, args.data, skipped_rows)
     rows = splits.get("train") or next(iter(splits.values()))
     batch_size, num_batches = args.training.per_device_train_batch_size, args.run.dry_run_data
     bos = processor.tokenizer.bos_token_id
@@ -1778,8 +2214,7 @@ def module_named(model, last_name: str) -> tuple[str, torch.nn.Module]:
 
 def build_trainer(model, training_args, model_args, run_args, processor, splits, collator):
     monitor = TrainingLossMonitor(run_args.non_finite_loss, splits["train"].split if "train" in splits else "train")
-    model.register_forward_pre_hook(monitor.take_row_ids, with_kwargs=True)
-    preemption = PreemptionHandler()
+    model.register_forward_pre_hook(monitor.take_batch_extras, with_kwargs=True)
     common = dict(
         model=model,
         args=training_args,
@@ -1788,10 +2223,11 @@ def build_trainer(model, training_args, model_args, run_args, processor, splits,
         data_collator=collator,
         processing_class=processor,
         compute_loss_func=monitor.loss,
-        callbacks=[monitor, preemption],
+        # Preemption first: the checkpoint it asks for at a step end is then a save the monitor checks before.
+        callbacks=[PreemptionHandler(), monitor],
     )
     if not hasattr(training_args, "use_habana"):
-        return Trainer(**common)
+        return WholeSplitEvaluationTrainer(**common)
     from optimum.habana import GaudiConfig
 
     # --model_revision pins the model's commit; the Gaudi config is another repository, read at its default branch.
@@ -1803,76 +2239,198 @@ def build_trainer(model, training_args, model_args, run_args, processor, splits,
 
 
 class TrainingLossMonitor(transformers.TrainerCallback):
-    """The trainer's loss function, plus what it sees: batch shapes per epoch and non-finite losses.
+    """The trainer's loss function, plus what it sees: batch shapes, non-finite losses, the evaluation loss.
 
-    Shapes are counted where the loss is computed, in the training process, so dataloader workers do not
-    hide them (on Gaudi lazy mode each new shape is a graph compile). A non-finite loss stops the run naming
-    the step and the batch's rows, or with `non_finite_loss="skip"` contributes no gradient. The rows come
-    from the batch's `row_ids`, which a forward pre-hook takes out before the model sees them.
+    It reads no device value between the trainer's own syncs (logging, saving, evaluating, the end): on Gaudi
+    each read stalls the host until the device queue drains. A non-finite training loss is flagged on the
+    device and its batch contributes no gradient; at the next of those syncs the run stops naming the step and
+    rows, or with `non_finite_loss="skip"` goes on, counting the batch. While evaluating, per-row loss sums give
+    the per-token mean over the split. A forward pre-hook takes the batch's `row_ids` out before the model
+    sees them and notes its `logits_to_keep`.
     """
 
     def __init__(self, non_finite_loss: str = "error", split: str = "train"):
         self.non_finite_loss = non_finite_loss
         self.split = split
-        self.shapes = collections.Counter()
-        self.step = 0
+        # Counted where the loss is computed, so dataloader workers do not hide them; in Gaudi lazy mode each
+        # new (batch, length, kept logits) shape is a graph compile.
+        self.shapes = {"train": collections.Counter(), "eval": collections.Counter()}
         self.row_ids: Optional[torch.Tensor] = None
+        self.kept_positions: Optional[torch.Tensor] = None
         self.skipped_batches = 0
+        self.gradient_hooks = []
+        self.non_finite: Optional[torch.Tensor] = None  # this micro-batch's flag, read by the gradient hooks
+        self.first_bad: Optional[dict] = None  # on the device: the first non-finite loss since the last check
+        self.checked_step = 0
+        self.evaluation: Optional[torch.Tensor] = None  # while evaluating: (row slot, [loss sum, trained tokens])
 
-    def take_row_ids(self, module, args, kwargs):
+    def take_batch_extras(self, module, args, kwargs):
         self.row_ids = kwargs.pop("row_ids", None)
+        kept = kwargs.get("logits_to_keep")
+        self.kept_positions = kept if torch.is_tensor(kept) else None
         return args, kwargs
 
     def loss(self, outputs, labels, num_items_in_batch=None):
+        kept = labels.shape[1] if self.kept_positions is None else len(self.kept_positions)
+        self.shapes["train" if torch.is_grad_enabled() else "eval"][(*labels.shape, kept)] += 1
+        if self.kept_positions is not None:
+            labels = labels_at_kept_positions(labels, self.kept_positions)
+        if not torch.is_grad_enabled() and self.evaluation is not None:
+            return self.evaluation_loss(outputs, labels)
         loss = causal_lm_loss(outputs, labels, num_items_in_batch)
-        if not torch.is_grad_enabled():  # evaluation: neither counted nor checked here
+        if not torch.is_grad_enabled() or self.first_bad is None:  # not in trainer.train()
             return loss
-        self.shapes[tuple(labels.shape)] += 1
-        if bool(torch.isfinite(loss)):
-            return loss
-        rows = [] if self.row_ids is None else [int(r) for r in self.row_ids.tolist() if r >= 0]
-        where = f"training step {self.step + 1}, {self.split} rows {rows}"
-        if self.non_finite_loss == "error":
-            raise FloatingPointError(
-                f"Non-finite loss ({loss.item()}) at {where}. Check these rows and the learning rate, or pass "
-                "--non_finite_loss skip to drop such batches."
-            )
-        self.skipped_batches += 1
-        logger.warning(f"Non-finite loss at {where}: the batch is skipped (it contributes no gradient).")
-        # A zero built from the trainable weights, not from the NaN graph, so every gradient is exactly zero.
-        return sum(p.sum() for p in self.trainable_parameters) * 0.0
+        finite = torch.isfinite(loss)
+        self.non_finite = ~finite
+        bad = self.first_bad
+        first = self.non_finite & (bad["count"] == 0)
+        rows = self.row_ids if self.row_ids is not None else bad["rows"][:0]
+        rows = torch.nn.functional.pad(rows.to(bad["rows"]), (0, len(bad["rows"]) - len(rows)), value=-1)
+        bad["count"] += self.non_finite.to(torch.int32)
+        bad["step"] = torch.where(first, bad["current_step"], bad["step"])
+        bad["rows"] = torch.where(first, rows, bad["rows"])
+        bad["loss"] = torch.where(first, loss.detach(), bad["loss"])
+        return torch.where(finite, loss, torch.zeros_like(loss))
+
+    def zero_if_non_finite(self, grad: torch.Tensor) -> torch.Tensor:
+        """Gradient hook: a non-finite batch's gradient is zero. Selecting, not multiplying: 0 * NaN is NaN."""
+        return grad if self.non_finite is None else grad.masked_fill(self.non_finite, 0)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.trainable_parameters = [p for p in model.parameters() if p.requires_grad]
+        device = args.device
+        self.first_bad = {
+            "count": torch.zeros((), dtype=torch.int32, device=device),
+            # The step under way, counted on the device so that noting it costs no transfer.
+            "current_step": torch.tensor(state.global_step, dtype=torch.int32).to(device),
+            "step": torch.full((), -1, dtype=torch.int32, device=device),
+            "rows": torch.full((args.per_device_train_batch_size,), -1, dtype=torch.long, device=device),
+            "loss": torch.zeros((), dtype=torch.float32, device=device),
+        }
+        self.checked_step = state.global_step
+        self.gradient_hooks = [p.register_hook(self.zero_if_non_finite) for p in model.parameters() if p.requires_grad]
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.step = state.global_step
+        self.first_bad["current_step"] += 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
+            self.check_non_finite(state.global_step)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        shapes = ", ".join(f"{b}x{n}: {count}" for (b, n), count in sorted(self.shapes.items()))
-        logger.info(f"Epoch {state.epoch:.2f}: {len(self.shapes)} distinct training batch shapes ({shapes})")
-        self.shapes.clear()
+        if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
+            self.check_non_finite(state.global_step)
+        logger.info(f"Epoch {state.epoch:.2f}: {self.describe_shapes('train')}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.check_non_finite(state.global_step)
+        for hook in self.gradient_hooks:
+            hook.remove()
+        self.gradient_hooks, self.non_finite = [], None
+
+    def describe_shapes(self, stage: str) -> str:
+        shapes, self.shapes[stage] = self.shapes[stage], collections.Counter()
+        listed = ", ".join(f"{b}x{n} ({k} logits): {count}" for (b, n, k), count in sorted(shapes.items()))
+        return f"{len(shapes)} distinct {stage} batch shapes ({listed})"
+
+    def check_non_finite(self, step: int) -> None:
+        """Read the device-side record of non-finite losses; called only where the trainer syncs anyway."""
+        if self.first_bad is None:
+            return
+        bad, since, self.checked_step = self.first_bad, self.checked_step, step
+        count = int(bad["count"].item())
+        if count == 0:
+            return
+        rows = [r for r in bad["rows"].tolist() if r >= 0]
+        where = f"training step {int(bad['step'].item())}, {self.split} rows {rows}"
+        seen = (f"{count} batch{'es' if count > 1 else ''} with a non-finite loss in steps {since + 1}-{step}, "
+                "each contributing no gradient")
+        if self.non_finite_loss == "error":
+            raise FloatingPointError(
+                f"Non-finite loss ({bad['loss'].item()}) at {where} ({seen}). Check these rows and the learning "
+                "rate, or pass --non_finite_loss skip to drop such batches."
+            )
+        self.skipped_batches += count
+        logger.warning(f"Skipped {seen}; the first at {where}.")
+        bad["count"].zero_()
+
+    def start_evaluation(self, dataset, device) -> None:
+        # One slot per row index of the split, plus one for stand-in rows (row id -1).
+        row_indices = getattr(dataset, "row_indices", None)
+        slots = (int(np.max(row_indices)) + 2) if row_indices is not None and len(row_indices) else 1
+        self.evaluation = torch.zeros((slots, 2), dtype=torch.float32, device=device)
+
+    def evaluation_loss(self, outputs, labels) -> torch.Tensor:
+        token_losses, trained = next_token_losses(outputs, labels)
+        per_row = torch.stack([token_losses.sum(dim=1), trained.sum(dim=1).float()], dim=1)
+        stand_in = len(self.evaluation) - 1
+        slots = torch.where(self.row_ids >= 0, self.row_ids, stand_in)
+        # Copied, not added: a row accelerate repeats to even out the ranks' last batches counts once.
+        self.evaluation.index_copy_(0, slots, per_row)
+        return per_row[:, 0].sum() / per_row[:, 1].sum().clamp(min=1)
+
+    def finish_evaluation(self) -> Optional[float]:
+        """The per-token mean loss over the split, summed over ranks (one sync); None without trained tokens."""
+        per_row, self.evaluation = self.evaluation[:-1].contiguous(), None
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_world_size() > 1:
+            # A row evaluated on two ranks (a repeat) has the same sums on both; rows a rank did not see are 0.
+            torch.distributed.all_reduce(per_row, op=torch.distributed.ReduceOp.MAX)
+        loss_sum, tokens = per_row.sum(dim=0).tolist()
+        logger.info(f"Evaluation: {self.describe_shapes('eval')}")
+        return loss_sum / tokens if tokens else None
+
+
+def kept_logit_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The model's `logits_to_keep`: the positions whose next token is trained in some row of the batch.
+
+    Padded with the last position (whose next token is never trained) to a power of two, at least 16 and at
+    most the length, so that few shapes occur. Built by the collator, on the host. Every family's forward
+    takes it as a tensor of positions: transformers 4.55.4 models/gemma3/modeling_gemma3.py:1095,
+    qwen2_5_vl/modeling_qwen2_5_vl.py:1515, llava_next/modeling_llava_next.py:690; optimum-habana 1.21.2
+    transformers/models/gemma3/modeling_gemma3.py:940,999, qwen2_5_vl/modeling_qwen2_5_vl.py:1065,
+    llava_next/modeling_llava_next.py:130 (to the upstream forward).
+    """
+    length = labels.shape[1]
+    needed = torch.nonzero((labels[:, 1:] != IGNORE_INDEX).any(dim=0)).flatten()
+    size = min(length, max(16, 1 << (len(needed) - 1).bit_length()))
+    return torch.cat([needed, torch.full((size - len(needed),), length - 1, dtype=torch.long)])
+
+
+def labels_at_kept_positions(labels: torch.Tensor, kept_positions: torch.Tensor) -> torch.Tensor:
+    """The labels, laid out for logits computed only at `kept_positions` (column i + 1: the target of logit i)."""
+    pad = torch.nn.functional.pad
+    next_tokens = pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).index_select(1, kept_positions.to(labels.device))
+    return pad(next_tokens, (1, 0), value=IGNORE_INDEX)
 
 
 def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
     """Next-token cross-entropy over trained tokens, in float32, with static shapes.
 
-    The sum is divided by the number of trained tokens in the whole gradient-accumulation window (the
-    trainer's `num_items_in_batch`), so accumulating N batches of 1 gives the gradient of one batch of N.
+    `labels[:, t + 1]` is the target of `logits[:, t]`: the batch's labels when the logits cover every
+    position, `labels_at_kept_positions` when they cover some. The sum is divided by the number of trained
+    tokens in the whole gradient-accumulation window (the trainer's `num_items_in_batch`), so accumulating N
+    batches of 1 gives the gradient of one batch of N.
     """
-    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
-    loss_sum = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    token_losses, trained = next_token_losses(outputs, labels)
+    loss_sum = token_losses.sum()
     if num_items_in_batch is None:
-        num_items_in_batch = (shift_labels != IGNORE_INDEX).sum()
+        num_items_in_batch = trained.sum()
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(loss_sum.device).clamp(min=1)
     else:
         num_items_in_batch = max(int(num_items_in_batch), 1)
     return loss_sum / num_items_in_batch
+
+
+def next_token_losses(outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position float32 cross-entropy (0 where nothing is trained) and the trained-position mask."""
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    targets = labels[:, 1:].to(logits.device)
+    logits = logits[:, : targets.shape[1], :].float()
+    losses = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return losses.view(targets.shape), targets != IGNORE_INDEX
 
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a job they asked to stop
@@ -1881,12 +2439,15 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a job th
 class PreemptionHandler(transformers.TrainerCallback):
     """On SIGTERM (what schedulers send before preempting), finish the step, save a checkpoint and stop.
 
-    On several ranks the request is agreed on after every step, so all ranks stop at the same one.
+    On several ranks the request is agreed on after every step, so all ranks stop at the same one: a MAX over
+    a CPU flag in a gloo group of its own, so the host never waits for the device (a flag on the HPU would be
+    reduced by HCCL and reading it back would drain the device's queue every step).
     """
 
     def __init__(self):
         self.requested = False
         self.stopped_at_step: Optional[int] = None
+        self.host_group = None
 
     def install(self):
         """Handle SIGTERM from now on; returns the previous handler, for `signal.signal` to restore."""
@@ -1895,11 +2456,16 @@ class PreemptionHandler(transformers.TrainerCallback):
     def request(self, signum, frame) -> None:
         self.requested = True
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.host_group is None and distributed and args.world_size > 1:
+            self.host_group = torch.distributed.new_group(backend="gloo")  # every rank calls this, in the same order
+
     def on_step_end(self, args, state, control, **kwargs):
         requested = self.requested
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and args.world_size > 1:
-            flag = torch.tensor([int(requested)], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if self.host_group is not None:
+            flag = torch.tensor([int(requested)], dtype=torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
             requested = bool(flag.item())
         if requested:
             self.stopped_at_step = state.global_step
@@ -1907,10 +2473,46 @@ class PreemptionHandler(transformers.TrainerCallback):
             control.should_training_stop = True
 
 
+class WholeSplitEvaluation:
+    """Trainer mixin: evaluation sees every row of the split, and its loss is the per-token mean over it.
+
+    Trainer and GaudiTrainer average per-batch means (transformers/trainer.py evaluation_loop; optimum/habana/
+    transformers/trainer.py:2263-2265), which weighs a short answer like a long one and differs with the batch
+    size; TrainingLossMonitor sums per row instead.
+    """
+
+    def _get_dataloader(self, *args, is_training: bool = False, **kwargs):
+        if is_training or not self.args.dataloader_drop_last:
+            return super()._get_dataloader(*args, is_training=is_training, **kwargs)
+        # --dataloader_drop_last is for training shapes; transformers/trainer.py:1030 applies it to evaluation
+        # too, which would drop up to batch - 1 rows per rank.
+        self.args.dataloader_drop_last = False
+        try:
+            return super()._get_dataloader(*args, is_training=is_training, **kwargs)
+        finally:
+            self.args.dataloader_drop_last = True
+
+    def evaluation_loop(self, dataloader, *args, metric_key_prefix: str = "eval", **kwargs):
+        monitor = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, TrainingLossMonitor))
+        monitor.start_evaluation(dataloader.dataset, self.args.device)
+        try:
+            output = super().evaluation_loop(dataloader, *args, metric_key_prefix=metric_key_prefix, **kwargs)
+            loss = monitor.finish_evaluation()
+        finally:
+            monitor.evaluation = None
+        if loss is not None:
+            output.metrics[f"{metric_key_prefix}_loss"] = loss
+        return output
+
+
+class WholeSplitEvaluationTrainer(WholeSplitEvaluation, Trainer):
+    pass
+
+
 def gaudi_trainer_class():
     from optimum.habana import GaudiTrainer
 
-    class TokenCountingGaudiTrainer(GaudiTrainer):
+    class TokenCountingGaudiTrainer(WholeSplitEvaluation, GaudiTrainer):
         """GaudiTrainer whose trained-token count for the accumulation window works with unequal lengths.
 
         GaudiTrainer concatenates the window's labels to count them; when micro-batches differ in length
