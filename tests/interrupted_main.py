@@ -26,13 +26,8 @@ class SignalAtStep(transformers.TrainerCallback):
             os.kill(os.getpid(), self.signum)
 
 
-def main() -> None:
-    argv = sys.argv[1:]
-    step = int(argv[argv.index("--at_step") + 1])
-    signum = getattr(signal, "SIG" + argv[argv.index("--signal") + 1])
-    for flag in ("--at_step", "--signal"):
-        del argv[argv.index(flag): argv.index(flag) + 2]
-    build_trainer = run_lora_vlm.build_trainer
+def with_signal_at_step(build_trainer, step: int, signum: int):
+    """`build_trainer` whose trainers send this process `signum` right after training step `step`."""
 
     def build_trainer_with_signal(*args, **kwargs):
         trainer = build_trainer(*args, **kwargs)
@@ -40,8 +35,17 @@ def main() -> None:
         trainer.callback_handler.callbacks.insert(0, SignalAtStep(step, signum))
         return trainer
 
-    run_lora_vlm.build_trainer = build_trainer_with_signal
-    run_lora_vlm.main(argv)
+    return build_trainer_with_signal
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    step = int(argv[argv.index("--at_step") + 1])
+    signum = getattr(signal, "SIG" + argv[argv.index("--signal") + 1])
+    for flag in ("--at_step", "--signal"):
+        del argv[argv.index(flag): argv.index(flag) + 2]
+    run_lora_vlm.build_trainer = with_signal_at_step(run_lora_vlm.build_trainer, step, signum)
+    sys.exit(run_lora_vlm.cli(argv))
 
 
 if __name__ == "__main__":

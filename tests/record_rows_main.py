@@ -28,7 +28,7 @@ def main() -> None:
         return original_call(self, features)
 
     run_lora_vlm.VisionChatCollator.__call__ = recording_call
-    trainer = run_lora_vlm.main(argv)
+    trainer = run_lora_vlm.main(run_lora_vlm.parse_args(argv))
     record_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "rank": trainer.args.process_index,

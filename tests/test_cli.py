@@ -3,32 +3,26 @@
 
 import json
 import math
-import subprocess
+import runpy
 import sys
 
 import pytest
 import torch
+import transformers
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import run_lora_vlm as rlv
-from conftest import REPO_ROOT, train_argv
+from conftest import REPO_ROOT, SEED_MODEL_FLAGS, SEED_SINGLE_CARD, run_training, train_argv
 
-SEED_SINGLE_CARD = [
-    "--model_name_or_path", "google/gemma-3-12b-it", "--dataset_name", "HuggingFaceM4/ChartQA",
-    "--num_train_epochs", "5", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
-    "--do_train", "--do_eval", "--output_dir", "./output_gemma3", "--gaudi_config_name", "Habana/gpt2",
-    "--use_habana", "--lora_rank", "16", "--max_train_samples", "128", "--overwrite_output_dir", "--bf16",
-    "--use_lazy_mode", "--gradient_checkpointing",
-]
-
+SEED_COMMAND = SEED_MODEL_FLAGS + SEED_SINGLE_CARD
 
 @pytest.fixture(scope="module")
 def trained(assets, tmp_path_factory):
     """One real training + evaluation run shared by the assertions below."""
     output_dir = tmp_path_factory.mktemp("trained")
-    trainer = rlv.main(train_argv(assets, output_dir, "--do_train", "--do_eval", "--num_train_epochs", "2"))
+    trainer = run_training(train_argv(assets, output_dir, "--do_train", "--do_eval", "--num_train_epochs", "2"))
     return trainer, output_dir
 
 
@@ -50,13 +44,10 @@ def test_lora_weights_changed_and_base_weights_did_not(trained, assets):
     lora_b = [v for k, v in state.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # lora_B starts at zero
     base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
-    compared = 0
     for name, tensor in original.items():
         candidates = [k for k in base if k.endswith(name.split("model.", 1)[-1]) and base[k].shape == tensor.shape]
         assert candidates, name
         assert torch.equal(base[candidates[0]], tensor), name
-        compared += 1
-    assert compared == len(original)
 
 
 def test_lora_targets_only_the_language_model(trained):
@@ -72,7 +63,7 @@ def test_lora_targets_only_the_language_model(trained):
 def test_saved_adapter_reloads_with_identical_logits(trained, assets):
     trainer, output_dir = trained
     batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(4)])
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "row_ids")}
     trainer.model.eval()
     with torch.no_grad():
         expected = trainer.model(**inputs).logits
@@ -86,14 +77,15 @@ def test_saved_adapter_reloads_with_identical_logits(trained, assets):
 def test_training_lowers_eval_loss_on_the_same_eval_set(trained, assets, tmp_path):
     _, output_dir = trained
     after = json.loads((output_dir / "eval_results.json").read_text())["eval_loss"]
-    rlv.main(train_argv(assets, tmp_path, "--do_eval"))  # the untouched model: LoRA starts as identity
+    run_training(train_argv(assets, tmp_path, "--do_eval"))  # the untouched model: LoRA starts as identity
     before = json.loads((tmp_path / "eval_results.json").read_text())["eval_loss"]
     assert after < before - 0.5, (before, after)
+    assert not (tmp_path / "adapter_config.json").exists()  # evaluation only: nothing trained, nothing saved
 
 
 def test_seed_command_flags_parse_and_gaudi_flags_fail_clearly_without_gaudi():
     with pytest.raises(ValueError) as error:
-        rlv.parse_args(SEED_SINGLE_CARD + ["--report_to", "tensorboard", "--logging_steps", "50", "--save_steps", "50"])
+        rlv.parse_args(SEED_COMMAND + ["--report_to", "tensorboard", "--logging_steps", "50", "--save_steps", "50"])
     message = str(error.value)
     assert "--use_habana" in message and "--use_lazy_mode" in message and "--gaudi_config_name" in message
     assert "Habana" in message and "drop these flags" in message
@@ -101,52 +93,55 @@ def test_seed_command_flags_parse_and_gaudi_flags_fail_clearly_without_gaudi():
 
 def test_the_same_flags_without_gaudi_ones_parse_into_stock_training_arguments():
     gaudi_only = {"--use_habana", "--use_lazy_mode", "--gaudi_config_name", "Habana/gpt2"}
-    argv = [a for a in SEED_SINGLE_CARD if a not in gaudi_only] + ["--use_cpu"]  # transformers wants it for CPU bf16
-    model_args, data_args, lora_args, _, _, training_args = rlv.parse_args(argv)
-    assert type(training_args).__name__ == "TrainingArguments"
-    assert (model_args.model_name_or_path, data_args.max_train_samples, lora_args.lora_rank) == ("google/gemma-3-12b-it", 128, 16)
-    assert training_args.bf16 and training_args.gradient_checkpointing
+    argv = [a for a in SEED_COMMAND if a not in gaudi_only] + ["--use_cpu"]  # transformers wants it for CPU bf16
+    args = rlv.parse_args(argv)
+    assert isinstance(args.training, transformers.TrainingArguments) and not hasattr(args.training, "use_habana")
+    assert (args.model.model_name_or_path, args.data.max_train_samples, args.lora.lora_rank) == ("google/gemma-3-12b-it", 128, 16)
+    assert args.training.bf16 and args.training.gradient_checkpointing
 
 
-def test_gaudi_flag_fails_before_any_model_loading_from_the_command_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "run_lora_vlm.py"), *SEED_SINGLE_CARD[:4], "--output_dir", str(tmp_path), "--use_habana"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode != 0
-    assert "--use_habana need Intel Gaudi" in result.stderr
-    assert "unrecognized arguments" not in result.stderr
+def test_gaudi_flag_fails_before_any_model_loading_from_the_command_line(tmp_path, monkeypatch, capsys):
+    """The script run as a program (its __main__ block, in this process): exit code 2 and one line, no traceback."""
+    argv = [*SEED_MODEL_FLAGS, "--output_dir", str(tmp_path), "--use_habana"]
+    monkeypatch.setattr(sys, "argv", [str(REPO_ROOT / "run_lora_vlm.py"), *argv])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(REPO_ROOT / "run_lora_vlm.py"), run_name="__main__")
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "--use_habana need Intel Gaudi" in stderr
+    assert "unrecognized arguments" not in stderr and "Traceback" not in stderr
 
 
 def test_one_json_file_replaces_the_flags(assets, tmp_path):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({
         "model_name_or_path": assets["model"], "dataset_name": assets["dataset"], "output_dir": str(tmp_path / "out"),
-        "lora_rank": 4, "lora_target_modules": ["q_proj", "v_proj"], "do_eval": True, "max_eval_samples": 4,
-        "report_to": "none",
+        "lora_rank": 4, "lora_target_modules": ["q_proj", "v_proj"], "do_train": True, "max_steps": 1,
+        "do_eval": True, "max_eval_samples": 4, "report_to": "none",
     }))
-    rlv.main([str(config)])
-    adapter_config = json.loads((tmp_path / "out" / "adapter_config.json").read_text()) if (tmp_path / "out" / "adapter_config.json").exists() else None
+    assert rlv.cli([str(config)]) == 0
+    adapter_config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and set(adapter_config["target_modules"]) == {"q_proj", "v_proj"}
     results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert results["eval_samples"] == 4 and math.isfinite(results["eval_loss"])
-    assert adapter_config is None  # evaluation only: nothing trained, nothing saved
+    assert json.loads((tmp_path / "out" / "train_results.json").read_text())["train_samples"] == 64
 
 
 def test_non_empty_output_dir_without_checkpoint_is_refused(assets, tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="--overwrite_output_dir"):
-        rlv.main(train_argv(assets, tmp_path, "--do_train"))
+        run_training(train_argv(assets, tmp_path, "--do_train"))
 
 
-def test_rerunning_resumes_from_the_last_checkpoint(assets, tmp_path):
+def test_rerunning_with_more_steps_continues_from_the_last_checkpoint(assets, tmp_path):
     argv = train_argv(assets, tmp_path, "--do_train", "--max_train_samples", "16", "--per_device_train_batch_size", "2",
                       "--save_strategy", "steps", "--save_steps", "2")
-    first = rlv.main(argv + ["--max_steps", "4"])
+    first = run_training(argv + ["--max_steps", "4"])
     assert first.state.global_step == 4 and (tmp_path / "checkpoint-4").is_dir()
-    second = rlv.main(argv + ["--max_steps", "6"])
+    second = run_training(argv + ["--max_steps", "6"])
     assert second.state.global_step == 6
     steps_logged = [entry["step"] for entry in second.state.log_history if "loss" in entry]
-    assert steps_logged[:2] == [1, 2] and 5 in steps_logged  # the history continues the first run's
+    assert steps_logged == [1, 2, 3, 4, 5, 6]  # the history continues the first run's
 
 
 def test_max_samples_cut_first_or_seeded_random(assets, tmp_path):
@@ -171,12 +166,12 @@ def test_validation_is_carved_from_train_when_missing_and_is_seeded(assets, tmp_
 
 
 def prepare(assets, *flags, dataset=None):
-    _, data_args, _, _, _, training_args = rlv.parse_args(
+    args = rlv.parse_args(
         ["--model_name_or_path", assets["model"], "--dataset_name", dataset or assets["dataset"],
          "--output_dir", "unused", "--do_train", "--do_eval", *flags]
     )
-    raw, _ = rlv.load_raw_datasets(data_args, None)
-    return rlv.prepare_splits(raw, data_args, training_args)
+    raw, _ = rlv.load_raw_datasets(args.data, None)
+    return rlv.prepare_splits(raw, args.data, args.training)
 
 
 @pytest.mark.parametrize("template, message", [

@@ -7,14 +7,14 @@ import torch
 from PIL import Image
 
 import run_lora_vlm as rlv
+from conftest import IGNORE_INDEX, make_collator, script_args, trained_runs
 
 IGNORE = None  # a masked position in the hand-written expectations below
 
 
-def make_collator(processor, columns=("image", "question", "answer"), **data_flags):
-    data_args = rlv.DataArguments(dataset_name="in-memory", **data_flags)
-    schema = rlv.detect_schema(list(columns), data_args)
-    return rlv.VisionChatCollator(processor, rlv.MODEL_FAMILIES["gemma3"], schema, data_args)
+def qa_collator(processor, *flags, columns=("image", "question", "answer"), skipped_rows=None):
+    """The collator for a dataset with these columns, under these command-line flags."""
+    return make_collator(processor, script_args(*flags).data, columns, skipped_rows=skipped_rows)
 
 
 def feature(row, index=0, split="train"):
@@ -26,7 +26,7 @@ def tokens(processor, ids):
 
 
 def trained_tokens(processor, ids, labels):
-    return [None if int(l) == -100 else t for t, l in zip(tokens(processor, ids), labels)]
+    return [None if int(label) == IGNORE_INDEX else t for t, label in zip(tokens(processor, ids), labels)]
 
 
 RED = Image.new("RGB", (40, 30), (255, 0, 0))
@@ -34,7 +34,7 @@ IMAGE_RUN = ["<start_of_image>"] + ["<image_soft_token>"] * 4 + ["<end_of_image>
 
 
 def test_single_turn_mask_written_by_hand(processor):
-    batch = make_collator(processor)([feature({"image": RED, "question": "How many bars?", "answer": "3"})])
+    batch = qa_collator(processor)([feature({"image": RED, "question": "How many bars?", "answer": "3"})])
     expected_tokens = (
         ["<bos>", "<start_of_turn>", "user", "\n\n", "\n"] + IMAGE_RUN
         + ["\n\n", "How", "▁many", "▁bars", "?", "<end_of_turn>", "\n", "<start_of_turn>", "model", "\n"]
@@ -53,7 +53,7 @@ def test_same_tokens_and_pixels_as_a_bare_processor_call_with_a_single_bos(proce
         {"image": RED, "question": "Which bar is the tallest?", "answer": "B"},
         {"image": Image.new("RGB", (64, 64), (0, 0, 255)), "question": "Value of A?", "answer": "12.5"},
     ]
-    batch = make_collator(processor)([feature(r, i) for i, r in enumerate(rows)])
+    batch = qa_collator(processor)([feature(r, i) for i, r in enumerate(rows)])
     for i, row in enumerate(rows):
         messages = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]},
@@ -73,7 +73,7 @@ def test_rows_are_right_padded_and_padding_is_never_trained(processor):
         {"image": RED, "question": "How many bars?", "answer": "3"},
         {"image": RED, "question": "How many bars are there in this chart?", "answer": "four"},
     ]
-    batch = make_collator(processor)([feature(r, i) for i, r in enumerate(rows)])
+    batch = qa_collator(processor)([feature(r, i) for i, r in enumerate(rows)])
     short, long = (batch["attention_mask"].sum(1)).tolist()
     assert short < long == batch["input_ids"].shape[1]
     assert batch["input_ids"][0, short:].tolist() == [processor.tokenizer.pad_token_id] * (long - short)
@@ -92,29 +92,19 @@ def test_multi_turn_trains_every_assistant_turn_and_folds_the_system_prompt(proc
             {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
         ],
     }
-    batch = make_collator(processor, columns=("images", "messages"))([feature(row)])
+    batch = qa_collator(processor, columns=("images", "messages"))([feature(row)])
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     text = processor.tokenizer.decode(ids)
     assert text.startswith("<bos><start_of_turn>user\nBe brief.\n\n")
-    trained = [t for t in trained_tokens(processor, ids, labels)]
-    runs, current = [], []
-    for t in trained + [None]:
-        if t is None and current:
-            runs.append(current)
-            current = []
-        elif t is not None:
-            current.append(t)
-    assert ["".join(run) for run in runs] == ["red<end_of_turn>", "yes<end_of_turn>"]
+    assert trained_runs(processor.tokenizer, ids, labels) == ["red<end_of_turn>", "yes<end_of_turn>"]
 
 
 def test_max_seq_length_cuts_only_the_tail_of_the_last_answer(processor, tmp_path):
     row = {"image": RED, "question": "How many bars?", "answer": "three bars in all"}
-    full = make_collator(processor)([feature(row)])
+    full = qa_collator(processor)([feature(row)])
     length = int(full["attention_mask"].sum())
     skipped = rlv.SkippedRows(str(tmp_path))
-    collator = make_collator(processor, max_seq_length=length - 2)
-    collator.skipped_rows = skipped
-    cut = collator([feature(row, 5)])
+    cut = qa_collator(processor, "--max_seq_length", str(length - 2), skipped_rows=skipped)([feature(row, 5)])
     assert cut["input_ids"][0].tolist() == full["input_ids"][0, : length - 2].tolist()
     assert cut["labels"][0].tolist() == full["labels"][0, : length - 2].tolist()
     assert [(e["action"], e["row_index"], e["reason"]) for e in skipped.entries()] == [("truncated", 5, "answer_truncated")]
@@ -123,25 +113,27 @@ def test_max_seq_length_cuts_only_the_tail_of_the_last_answer(processor, tmp_pat
 def test_a_row_whose_answer_cannot_fit_stops_the_run_naming_it(processor):
     row = {"image": RED, "question": "How many bars are there?", "answer": "3"}
     with pytest.raises(ValueError, match=r"Invalid val row 7: too_long: .*--invalid_rows skip"):
-        make_collator(processor, max_seq_length=12)([feature(row, 7, "val")])
+        qa_collator(processor, "--max_seq_length", "12")([feature(row, 7, "val")])
 
 
 def test_skipped_rows_are_recorded_and_an_all_skipped_batch_trains_nothing(processor, tmp_path, assets):
     from transformers import AutoModelForImageTextToText
 
-    collator = make_collator(processor, invalid_rows="skip")
-    collator.skipped_rows = rlv.SkippedRows(str(tmp_path))
+    skipped = rlv.SkippedRows(str(tmp_path), "skip")
+    collator = qa_collator(processor, "--invalid_rows", "skip", skipped_rows=skipped)
     batch = collator([feature({"image": RED, "question": "Q?", "answer": "  "}, 3), feature({"image": None, "question": "Q?", "answer": "a"}, 4)])
     # As many rows as asked for, so a static batch shape holds, each a lone <bos> with nothing trained.
-    assert batch["labels"].tolist() == [[-100], [-100]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX], [IGNORE_INDEX]]
     assert batch["input_ids"].tolist() == [[processor.tokenizer.bos_token_id]] * 2
-    report = collator.skipped_rows.write_report(str(tmp_path))
+    report = skipped.write_report(str(tmp_path))
     assert report == {"skipped": {"empty_answer": 1, "image_missing": 1}, "truncated": {}}
     model = AutoModelForImageTextToText.from_pretrained(assets["model"])
-    loss = rlv.causal_lm_loss(model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"])
+    loss = rlv.causal_lm_loss(model(**{k: v for k, v in batch.items() if k not in ("labels", "row_ids")}), batch["labels"])
     loss.backward()
     assert loss.item() == 0.0
-    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    # The loss is still connected to the weights (backward reached them), and every gradient is zero.
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    assert gradients and not any(g.any() for g in gradients)
 
 
 def test_loss_is_the_mean_over_trained_tokens_and_uses_the_window_count():
@@ -155,7 +147,7 @@ def test_loss_is_the_mean_over_trained_tokens_and_uses_the_window_count():
 
 
 def test_trained_sample_rendering_marks_trained_tokens(processor):
-    batch = make_collator(processor)([feature({"image": RED, "question": "How many bars?", "answer": "3"})])
+    batch = qa_collator(processor)([feature({"image": RED, "question": "How many bars?", "answer": "3"})])
     shown = rlv.format_trained_tokens(processor.tokenizer, batch["input_ids"][0], batch["labels"][0])
     assert shown.endswith("<start_of_turn>model\n[[3<end_of_turn>]]\n")
     assert "<image_soft_token>×4" in shown

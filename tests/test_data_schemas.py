@@ -1,39 +1,30 @@
 # Licensed under the Apache License, Version 2.0 (the "License").
 """Every supported dataset layout trains on exactly its assistant texts, wherever the data is stored.
 
-Each test builds a tiny dataset (4-8 rows), runs the CLI in-process for one CPU training step and then
-decodes the trained tokens (labels != -100) of a batch made from the training rows in order.
+Schemas and storage are checked apart. Each schema's rows go, in memory, through the script's data path (the
+splits, schema detection, normalization and the collator) and the batch's trained tokens (labels != -100) are
+decoded. Each storage format is loaded once, from disk, the same way. A few runs of the whole command check what
+only the trainer shows: the batches it draws, the skipped-row report, and errors raised through it.
 """
 
-import gc
 import json
-import re
-from types import SimpleNamespace
+import math
 
 import datasets
 import pytest
 from PIL import Image
 
 import run_lora_vlm
-from conftest import train_argv
+from conftest import (
+    batch_trained_texts, collate_split, decoded_inputs, make_collator, run_training, script_args, train_argv,
+)
 
-IGNORE_INDEX = -100
 EOT = "<end_of_turn>"
 BOI = "<start_of_image>"
 RED, GREEN, BLUE, GREY = (255, 0, 0), (0, 160, 0), (0, 0, 255), (128, 128, 128)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def frozen_garbage_collector():
-    """Keep the objects alive at the start out of garbage collection while these tests run.
-
-    Every training run ends in a full gc.collect() (accelerate's free_memory), which otherwise walks all
-    of torch and transformers each time and costs more than the training step itself.
-    """
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
+# --- the schemas: rows (images as PIL objects) and the assistant texts each row must train ---------
 
 
 def image(colour=GREY) -> Image.Image:
@@ -204,107 +195,36 @@ SCHEMAS = {
 }
 
 
-# --- storage: the same rows in memory, as a saved DatasetDict, or as JSONL with relative paths ----
-
-
-def store(rows: list[dict], storage: str, folder) -> str:
-    """Write `rows` and return the --dataset_name that loads them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if storage == "memory":  # a Dataset built from PIL objects, saved as it is
-        path = folder / "dataset"
-        datasets.Dataset.from_list(rows).save_to_disk(str(path))
-    elif storage == "save_to_disk":  # a DatasetDict with a train split
-        path = folder / "dataset_dict"
-        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(path))
-    else:  # JSONL next to its images, which are named relative to the file
-        (folder / "imgs").mkdir(exist_ok=True)
-        lines = []
-        for index, row in enumerate(rows):
-            row = dict(row)
-            for column in ("image", "images", "picture", "photo"):
-                if column in row:
-                    row[column] = save_images(row[column], folder, f"imgs/{column}{index}")
-            lines.append(json.dumps(row) + "\n")
-        path = folder / "data.jsonl"
-        path.write_text("".join(lines))
-    return str(path)
-
-
-def save_images(value, folder, stem):
-    if isinstance(value, list):
-        return [save_images(item, folder, f"{stem}_{k}") for k, item in enumerate(value)]
-    value.save(folder / f"{stem}.png")
-    return f"{stem}.png"
-
-
-STORAGES = ["memory", "save_to_disk", "jsonl"]
-
-
-# --- reading batches back ------------------------------------------------------------------------
-
-
-def ordered_batch(trainer) -> dict:
-    """The collator's batch for every training row, in dataset order (the dataloader shuffles)."""
-    rows = trainer.train_dataset
-    return trainer.data_collator([rows[i] for i in range(len(rows))])
-
-
-def trained_runs(tokenizer, input_ids, labels) -> list[str]:
-    """Decoded runs of consecutive trained tokens: one per assistant turn."""
-    positions = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
-    runs, current = [], []
-    for position in positions:
-        if current and position != current[-1] + 1:
-            runs.append(current)
-            current = []
-        current.append(position)
-    if current:
-        runs.append(current)
-    return [tokenizer.decode(input_ids[run]) for run in runs]
-
-
-def batch_trained_texts(trainer, batch) -> list[list[str]]:
-    tokenizer = trainer.processing_class.tokenizer
-    return [trained_runs(tokenizer, ids, labels) for ids, labels in zip(batch["input_ids"], batch["labels"])]
-
-
-def decoded_inputs(trainer, batch) -> list[str]:
-    tokenizer = trainer.processing_class.tokenizer
-    return [tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-
-
-def train(assets, tmp_path, dataset, *extra):
-    argv = train_argv(assets, tmp_path / "out", "--max_steps", "1", "--do_train", *extra, dataset=dataset)
-    return run_lora_vlm.main(argv)
+def in_memory(rows: list[dict]) -> datasets.DatasetDict:
+    """The rows as a datasets table (Arrow, as any loaded dataset), with a train split."""
+    return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
 
 
 def with_turn_ends(expected: list[list[str]]) -> list[list[str]]:
     return [[text + EOT for text in row] for row in expected]
 
 
-# --- each schema, each storage -------------------------------------------------------------------
+def collate_rows(processor, rows, *flags):
+    """(tokenizer, batch of all `rows` in order) through the script's data path, under these flags."""
+    collator, batch = collate_split(processor, script_args("--do_train", *flags), in_memory(rows))
+    return processor.tokenizer, batch
 
 
-@pytest.mark.parametrize("storage", STORAGES)
+# --- each schema, in memory ----------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("schema", list(SCHEMAS))
-def test_schema_trains_on_assistant_texts(schema, storage, assets, tmp_path):
+def test_schema_trains_on_assistant_texts(schema, processor):
     make_rows, extra = SCHEMAS[schema]
     rows, expected = make_rows()
-    trainer = train(assets, tmp_path, store(rows, storage, tmp_path / "data"), *extra)
-    assert trainer.state.global_step == 1
-
-    batch = ordered_batch(trainer)
-    assert batch_trained_texts(trainer, batch) == with_turn_ends(expected)
+    tokenizer, batch = collate_rows(processor, rows, *extra)
+    assert batch_trained_texts(tokenizer, batch) == with_turn_ends(expected)
     # Each row's images, and nothing else, reach the model.
     images_per_row = [len(r.get("images", [r.get("image")])) for r in rows]
     assert batch["pixel_values"].shape[0] == sum(images_per_row)
-    for text, count in zip(decoded_inputs(trainer, batch), images_per_row):
-        assert text.count(BOI) == count
-    # The batches the trainer itself draws train the same texts (in shuffled order).
-    shuffled = [text for b in trainer.get_train_dataloader() for text in batch_trained_texts(trainer, b)]
-    assert sorted(shuffled) == sorted(with_turn_ends(expected))
+    prompts = decoded_inputs(tokenizer, batch)
+    assert [prompt.count(BOI) for prompt in prompts] == images_per_row
 
-    prompts = decoded_inputs(trainer, batch)
     if schema.startswith("caption"):
         instruction = extra[1] if extra else "Describe this image."
         assert all(f"{instruction}{EOT}" in prompt for prompt in prompts)
@@ -315,6 +235,130 @@ def test_schema_trains_on_assistant_texts(schema, storage, assets, tmp_path):
         system = "You are terse." if schema == "chat-parts" else "Be brief."
         assert prompts[0].startswith(f"<bos><start_of_turn>user\n{system}\n\n")
         assert system not in prompts[1]
+
+
+# --- each storage format, loaded once --------------------------------------------------------------
+
+# One row per colour: the answer names the colour, so a row trained with another row's image would show.
+COLOURS = {"red": RED, "green": GREEN, "blue": BLUE, "grey": GREY}
+
+
+def qa_rows(folder=None):
+    """Question/answer rows; with `folder`, each image is saved there and named by a path relative to it."""
+    rows = []
+    for index, (name, colour) in enumerate(COLOURS.items()):
+        picture = image(colour)
+        if folder is not None:
+            (folder / "imgs").mkdir(parents=True, exist_ok=True)
+            picture.save(folder / "imgs" / f"{name}.png")
+            picture = f"imgs/{name}.png"
+        rows.append({"image": picture, "question": f"What colour is picture {index}?", "answer": name.capitalize()})
+    return rows
+
+
+def write_lines(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def store_dataset(folder):
+    path = folder / "dataset"
+    datasets.Dataset.from_list(qa_rows()).save_to_disk(str(path))
+    return path
+
+
+def store_dataset_dict(folder):
+    path = folder / "dataset_dict"
+    in_memory(qa_rows()).save_to_disk(str(path))
+    return path
+
+
+def store_json_array(folder):
+    (folder / "data.json").write_text(json.dumps(qa_rows(folder)))
+    return folder / "data.json"
+
+
+def store_jsonl(folder):
+    write_lines(folder / "data.jsonl", qa_rows(folder))
+    return folder / "data.jsonl"
+
+
+def store_csv(folder):
+    datasets.Dataset.from_list(qa_rows(folder)).to_csv(str(folder / "data.csv"), index=False)
+    return folder / "data.csv"
+
+
+def store_parquet(folder):
+    """Images embedded as bytes, with the Image feature recorded in the file."""
+    datasets.Dataset.from_list(qa_rows()).to_parquet(str(folder / "data.parquet"))
+    return folder / "data.parquet"
+
+
+def store_image_folder(folder):
+    """An image folder with captions in metadata.jsonl: the caption schema."""
+    rows = qa_rows(folder)
+    write_lines(folder / "imgs" / "metadata.jsonl", [
+        {"file_name": row["image"].removeprefix("imgs/"), "caption": row["answer"]} for row in rows
+    ])
+    return folder / "imgs"
+
+
+STORAGES = {
+    "Dataset.save_to_disk": store_dataset,
+    "DatasetDict.save_to_disk": store_dataset_dict,
+    "json": store_json_array,
+    "jsonl": store_jsonl,
+    "csv": store_csv,
+    "parquet": store_parquet,
+    "imagefolder": store_image_folder,
+}
+
+
+def channel_means(pixel_values) -> list[float]:
+    """Each image's mean per channel, all in one flat list."""
+    return pixel_values.mean(dim=(2, 3)).flatten().tolist()
+
+
+def expected_channel_means(colours) -> list[float]:
+    """The tiny processor rescales to [0, 1] and normalizes with mean = std = 0.5: a value c becomes 2c/255 - 1."""
+    return [2 * c / 255 - 1 for colour in colours for c in colour]
+
+
+@pytest.mark.parametrize("storage", list(STORAGES))
+def test_storage_format_loads_with_its_images(storage, processor, tmp_path):
+    path = STORAGES[storage](tmp_path)
+    tokenizer = processor.tokenizer
+    _, batch = collate_split(processor, script_args("--do_train", dataset=str(path)))
+    names = [name.capitalize() for name in COLOURS]
+    assert batch_trained_texts(tokenizer, batch) == with_turn_ends([[name] for name in names])
+    assert channel_means(batch["pixel_values"]) == pytest.approx(expected_channel_means(COLOURS.values()), abs=0.02)
+    if storage == "imagefolder":
+        assert all(prompt.endswith(f"Describe this image.{EOT}\n<start_of_turn>model\n{name}{EOT}\n")
+                   for prompt, name in zip(decoded_inputs(tokenizer, batch), names))
+
+
+def test_split_files_in_a_folder_become_their_splits(processor, tmp_path):
+    """Files named after a split, shard suffixes included, become that split; images are relative to the folder."""
+    rows = qa_rows(tmp_path)
+    write_lines(tmp_path / "train-00000-of-00002.jsonl", rows[:2])
+    write_lines(tmp_path / "train-00001-of-00002.jsonl", rows[2:3])
+    write_lines(tmp_path / "validation-00000-of-00001.jsonl", rows[3:])
+    write_lines(tmp_path / "test.jsonl", rows[1:])
+    args = script_args("--do_train", "--do_eval", "--do_predict", dataset=str(tmp_path))
+    splits, _, _ = run_lora_vlm.load_data(args.data, args.training, None)
+    assert {name: (rows.split, len(rows)) for name, rows in splits.items()} == {
+        "train": ("train", 3), "eval": ("validation", 1), "test": ("test", 3)
+    }
+    _, batch = collate_split(processor, args, split="eval")
+    assert batch_trained_texts(processor.tokenizer, batch) == [["Grey" + EOT]]
+    assert channel_means(batch["pixel_values"]) == pytest.approx(expected_channel_means([GREY]), abs=0.02)
+
+
+def test_a_data_file_named_after_no_split_is_refused_when_others_are(tmp_path):
+    for name in ("train.jsonl", "test.jsonl", "extra.jsonl"):
+        write_lines(tmp_path / name, [{"image": "a.png", "question": "Q?", "answer": name}])
+    args = script_args("--do_train", dataset=str(tmp_path))
+    with pytest.raises(ValueError, match=r"\['extra.jsonl'\] belong to no split"):
+        run_lora_vlm.load_data(args.data, args.training, None)
 
 
 # --- explicit column flags and prompt shaping ----------------------------------------------------
@@ -337,20 +381,20 @@ def decoy_rows():
     return rows
 
 
-def test_explicit_qa_columns_override_detection(assets, tmp_path):
+def test_explicit_qa_columns_override_detection(processor):
     rows = decoy_rows()
     flags = ("--image_column", "photo", "--question_column", "prompt", "--answer_column", "response")
-    trainer = train(assets, tmp_path, store(rows, "memory", tmp_path / "data"), *flags)
-    batch = ordered_batch(trainer)
-    assert batch_trained_texts(trainer, batch) == with_turn_ends([[r["response"]] for r in rows])
-    for row, prompt in zip(rows, decoded_inputs(trainer, batch)):
+    tokenizer, batch = collate_rows(processor, rows, *flags)
+    assert batch_trained_texts(tokenizer, batch) == with_turn_ends([[r["response"]] for r in rows])
+    for row, prompt in zip(rows, decoded_inputs(tokenizer, batch)):
         assert row["prompt"] in prompt and "DECOY" not in prompt
-    # The photo's colour, not the grey decoy image, is what the model sees (mean = std = 0.5: red is +1, -1, -1).
-    red_channel = batch["pixel_values"][:, 0].mean(dim=(1, 2))
-    assert red_channel.tolist() == pytest.approx([1, -1, -1, 1], abs=0.05)
+    # The photo's colour, not the grey decoy image, is what the model sees.
+    assert channel_means(batch["pixel_values"]) == pytest.approx(
+        expected_channel_means([RED, BLUE, GREEN, RED]), abs=0.02
+    )
 
 
-def test_explicit_messages_column_overrides_detection(assets, tmp_path):
+def test_explicit_messages_column_overrides_detection(processor):
     def chat(question, answer):
         return [{"role": "user", "content": f"<image>{question}"}, {"role": "assistant", "content": answer}]
 
@@ -359,30 +403,27 @@ def test_explicit_messages_column_overrides_detection(assets, tmp_path):
          "question": "DECOY", "answer": "DECOY"}
         for i in range(4)
     ]
-    trainer = train(assets, tmp_path, store(rows, "jsonl", tmp_path / "data"), "--messages_column", "dialog")
-    batch = ordered_batch(trainer)
-    assert batch_trained_texts(trainer, batch) == with_turn_ends([[f"Answer {i}."] for i in range(4)])
-    assert all("DECOY" not in prompt for prompt in decoded_inputs(trainer, batch))
+    tokenizer, batch = collate_rows(processor, rows, "--messages_column", "dialog")
+    assert batch_trained_texts(tokenizer, batch) == with_turn_ends([[f"Answer {i}."] for i in range(4)])
+    assert all("DECOY" not in prompt for prompt in decoded_inputs(tokenizer, batch))
 
 
-def test_system_prompt_and_question_template_shape_the_prompt(assets, tmp_path):
+def test_system_prompt_and_question_template_shape_the_prompt(processor):
     rows, expected = chartqa()
     flags = ("--system_prompt", "Answer briefly.", "--question_template", "Q: {question}\nA (one word):")
-    trainer = train(assets, tmp_path, store(rows, "memory", tmp_path / "data"), *flags)
-    batch = ordered_batch(trainer)
-    assert batch_trained_texts(trainer, batch) == with_turn_ends(expected)
-    for row, prompt in zip(rows, decoded_inputs(trainer, batch)):
+    tokenizer, batch = collate_rows(processor, rows, *flags)
+    assert batch_trained_texts(tokenizer, batch) == with_turn_ends(expected)
+    for row, prompt in zip(rows, decoded_inputs(tokenizer, batch)):
         assert prompt.startswith("<bos><start_of_turn>user\nAnswer briefly.\n\n")
         assert f"Q: {row['query']}\nA (one word):{EOT}\n<start_of_turn>model\n" in prompt
         assert prompt.index("Answer briefly.") < prompt.index(BOI) < prompt.index("Q: ")
 
 
-def test_system_prompt_does_not_replace_a_rows_own(assets, tmp_path):
+def test_system_prompt_does_not_replace_a_rows_own(processor):
     rows, expected = chat_parts()
-    trainer = train(assets, tmp_path, store(rows, "memory", tmp_path / "data"), "--system_prompt", "Default system.")
-    batch = ordered_batch(trainer)
-    assert batch_trained_texts(trainer, batch) == with_turn_ends(expected)
-    prompts = decoded_inputs(trainer, batch)
+    tokenizer, batch = collate_rows(processor, rows, "--system_prompt", "Default system.")
+    assert batch_trained_texts(tokenizer, batch) == with_turn_ends(expected)
+    prompts = decoded_inputs(tokenizer, batch)
     assert prompts[0].startswith("<bos><start_of_turn>user\nYou are terse.\n\n") and "Default system." not in prompts[0]
     assert prompts[1].startswith("<bos><start_of_turn>user\nDefault system.\n\n")
 
@@ -392,32 +433,32 @@ def test_system_prompt_does_not_replace_a_rows_own(assets, tmp_path):
 
 MULTI_IMAGE_ROWS = {
     "chat": {
-        "images": [image(RED), image(BLUE)],
+        "images": ["imgs/red.png", "imgs/blue.png"],
         "messages": [
             {"role": "user", "content": [part("First"), part(), part("then"), part(), part("which is red?")]},
             {"role": "assistant", "content": [part("The first.")]},
         ],
     },
     "llava": {
-        "images": [image(RED), image(BLUE)],
+        "images": ["imgs/red.png", "imgs/blue.png"],
         "conversations": llava_turns("First <image> then <image> which is red?", "The first."),
     },
 }
 
 
 @pytest.mark.parametrize("schema", list(MULTI_IMAGE_ROWS))
-def test_each_image_lands_at_its_placeholder(schema, assets, tmp_path):
-    rows = [MULTI_IMAGE_ROWS[schema]] * 4
-    trainer = train(assets, tmp_path, store(rows, "jsonl", tmp_path / "data"))
-    batch = ordered_batch(trainer)
-    prompt = decoded_inputs(trainer, batch)[0]
+def test_each_image_lands_at_its_placeholder(schema, processor, tmp_path):
+    """JSONL whose rows list several images by paths relative to the file."""
+    qa_rows(tmp_path)  # writes imgs/red.png, imgs/blue.png, ...
+    write_lines(tmp_path / "data.jsonl", [MULTI_IMAGE_ROWS[schema]] * 4)
+    _, batch = collate_split(processor, script_args("--do_train", dataset=str(tmp_path / "data.jsonl")))
+    prompt = decoded_inputs(processor.tokenizer, batch)[0]
     first = prompt.index(BOI)
     second = prompt.index(BOI, first + 1)
     assert prompt.index("First") < first < prompt.index("then") < second < prompt.index("which is red?")
     # The first placeholder gets the first (red) image, the second the blue one.
-    means = batch["pixel_values"][:2].mean(dim=(2, 3)).flatten()
-    assert means.tolist() == pytest.approx([1, -1, -1, -1, -1, 1], abs=0.05)
-    assert batch_trained_texts(trainer, batch) == [["The first." + EOT]] * 4
+    assert channel_means(batch["pixel_values"][:2]) == pytest.approx(expected_channel_means([RED, BLUE]), abs=0.02)
+    assert batch_trained_texts(processor.tokenizer, batch) == [["The first." + EOT]] * 4
 
 
 MISMATCHED_ROWS = {
@@ -433,20 +474,18 @@ MISMATCHED_ROWS = {
 
 
 @pytest.mark.parametrize("case", list(MISMATCHED_ROWS))
-def test_image_count_mismatch_names_the_row(case, assets, tmp_path):
+def test_image_count_mismatch_names_the_row(case, processor):
     good = dict(MISMATCHED_ROWS["chat, one image part, two images"], images=[image()]) if "chat" in case else dict(
         MISMATCHED_ROWS["llava, two placeholders, one image"], images=[image(), image()]
     )
     rows = [good, good, MISMATCHED_ROWS[case], good]
     with pytest.raises(ValueError, match=r"train row 2: image_count_mismatch: \d image placeholders but \d images"):
-        train(assets, tmp_path, store(rows, "memory", tmp_path / "data"))
+        collate_rows(processor, rows)
 
 
 # --- bad rows ------------------------------------------------------------------------------------
 
 BAD_ROWS = {1: "image_unreadable", 3: "image_missing", 4: "empty_answer", 6: "too_long"}
-# The training arguments prepare_splits reads, for calling it without the CLI.
-TRAIN_ONLY = SimpleNamespace(do_train=True, do_eval=False, do_predict=False, seed=0)
 
 
 def bad_rows_dataset(folder) -> str:
@@ -460,13 +499,15 @@ def bad_rows_dataset(folder) -> str:
     rows[4]["answer"] = "   "
     rows[6]["question"] = " ".join(["What is the value of bar B in this chart"] * 20) + "?"
     path = folder / "data.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_lines(path, rows)
     return str(path)
 
 
-def test_bad_rows_are_skipped_and_reported(assets, tmp_path):
+def test_a_run_skips_and_reports_bad_rows_and_trains_the_rest(assets, tmp_path):
+    """The whole command: the trainer draws its own (shuffled) batches; every good row is trained once."""
     dataset = bad_rows_dataset(tmp_path / "data")
-    trainer = train(assets, tmp_path, dataset, "--invalid_rows", "skip", "--max_seq_length", "64")
+    trainer = run_training(train_argv(assets, tmp_path / "out", "--do_train", "--max_steps", "1",
+                                      "--invalid_rows", "skip", "--max_seq_length", "64", dataset=dataset))
     assert trainer.state.global_step == 1
     report = json.loads((tmp_path / "out" / "skipped_rows.json").read_text())
     assert report["skipped_by_reason"] == {reason: 1 for reason in BAD_ROWS.values()}
@@ -474,29 +515,40 @@ def test_bad_rows_are_skipped_and_reported(assets, tmp_path):
     assert {(r["split"], r["row_index"], r["reason"]) for r in report["rows"]} == {
         ("train", index, reason) for index, reason in BAD_ROWS.items()
     }
-    batch = ordered_batch(trainer)
-    assert batch_trained_texts(trainer, batch) == [[f"Answer {i}.{EOT}"] for i in (0, 2, 5, 7)]
+    tokenizer = trainer.processing_class.tokenizer
+    drawn = [text for batch in trainer.get_train_dataloader() for text in batch_trained_texts(tokenizer, batch)]
+    assert sorted(drawn) == [[f"Answer {i}.{EOT}"] for i in (0, 2, 5, 7)]
+
+
+def test_a_run_trains_on_rows_with_several_images_each(assets, tmp_path):
+    """The whole command on multi-turn rows of 1 to 3 images: the model takes batches whose rows differ in images."""
+    rows, _ = llava_multi_image()
+    in_memory(rows).save_to_disk(str(tmp_path / "data"))
+    trainer = run_training(train_argv(assets, tmp_path / "out", "--do_train", "--max_steps", "1",
+                                      "--per_device_train_batch_size", "4", dataset=str(tmp_path / "data")))
+    assert trainer.state.global_step == 1
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 1 and math.isfinite(losses[0])
 
 
 def test_bad_rows_stop_the_run_by_default(assets, tmp_path):
     dataset = bad_rows_dataset(tmp_path / "data")
     with pytest.raises(ValueError) as raised:
-        train(assets, tmp_path, dataset, "--max_seq_length", "64")
-    # The trainer shuffles, so the first bad row met may be any of them; it must be named with its own reason.
-    found = re.search(r"Invalid train row (\d+): (\w+): ", str(raised.value))
-    assert found, str(raised.value)
-    assert BAD_ROWS[int(found.group(1))] == found.group(2)
-    assert "--invalid_rows skip" in str(raised.value)
+        run_training(train_argv(assets, tmp_path / "out", "--do_train", "--max_seq_length", "64", dataset=dataset))
+    # The validation pass reports every bad row at once, each under its own reason, before the model loads.
+    message = str(raised.value)
+    assert message.startswith(f"{len(BAD_ROWS)} of 8 rows are invalid: "), message
+    for index, reason in BAD_ROWS.items():
+        assert f"{reason} x1 (train row {index};" in message, message
+    assert "--invalid_rows skip" in message
 
 
 def test_first_bad_row_in_order_is_named(processor, tmp_path):
     """Without the trainer's shuffling the collator stops at the first bad row: row 1."""
-    data_args = run_lora_vlm.DataArguments(dataset_name=bad_rows_dataset(tmp_path / "data"), max_seq_length=64)
-    raw, base_dir = run_lora_vlm.load_raw_datasets(data_args, None)
-    rows = run_lora_vlm.prepare_splits(raw, data_args, TRAIN_ONLY)["train"]
-    schema = run_lora_vlm.detect_schema(rows.dataset.column_names, data_args)
-    family = run_lora_vlm.model_family("gemma3")
-    collator = run_lora_vlm.VisionChatCollator(processor, family, schema, data_args, base_dir)
+    args = script_args("--do_train", "--max_seq_length", "64", dataset=bad_rows_dataset(tmp_path / "data"))
+    splits, _, base_dir = run_lora_vlm.load_data(args.data, args.training, None)
+    rows = splits["train"]
+    collator = make_collator(processor, args.data, rows.dataset.column_names, base_dir)
     with pytest.raises(ValueError, match=r"^Invalid train row 1: image_unreadable: "):
         collator([rows[i] for i in range(len(rows))])
     for index, reason in BAD_ROWS.items():
@@ -531,41 +583,18 @@ SCHEMA_PROBLEMS = {
 
 
 @pytest.mark.parametrize("case", list(SCHEMA_PROBLEMS))
-def test_schema_problems_fail_before_the_model_loads(case, assets, tmp_path):
+def test_schema_problems_fail_before_the_model_loads(case, assets, tmp_path, monkeypatch):
     rows, flags, expected = SCHEMA_PROBLEMS[case]
     data_file = tmp_path / "data.jsonl"
-    data_file.write_text("".join(json.dumps(row) + "\n" for row in rows * 4))
-    # A model path that does not exist: reaching model loading would raise OSError instead.
-    argv = train_argv(assets, tmp_path / "out", "--do_train", *flags, dataset=str(data_file))
-    argv[argv.index("--model_name_or_path") + 1] = str(tmp_path / "no-model-here")
+    write_lines(data_file, rows * 4)
+    monkeypatch.setattr(run_lora_vlm, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(ValueError) as raised:
-        run_lora_vlm.main(argv)
+        run_training(train_argv(assets, tmp_path / "out", "--do_train", *flags, dataset=str(data_file)))
     for text in expected:
         assert text in str(raised.value)
 
 
 # --- loading details -----------------------------------------------------------------------------
-
-
-def test_split_files_in_a_folder(tmp_path):
-    """Files named after a split, shard suffixes included, become that split; others are train."""
-    rows = {"train-00000-of-00002.jsonl": 3, "train-00001-of-00002.jsonl": 2, "extra.jsonl": 1,
-            "validation-00000-of-00001.jsonl": 2, "test.jsonl": 4}
-    for name, count in rows.items():
-        (tmp_path / name).write_text(f'{{"image": "a.png", "question": "Q?", "answer": "{name}"}}\n' * count)
-    raw, base_dir = run_lora_vlm.load_raw_datasets(run_lora_vlm.DataArguments(dataset_name=str(tmp_path)), None)
-    assert base_dir == tmp_path
-    assert {name: len(split) for name, split in raw.items()} == {"train": 6, "validation": 2, "test": 4}
-
-
-def test_image_folder_with_metadata(tmp_path):
-    for index, colour in enumerate([RED, BLUE]):
-        image(colour).save(tmp_path / f"{index}.png")
-    (tmp_path / "metadata.jsonl").write_text(
-        '{"file_name": "0.png", "caption": "Red."}\n{"file_name": "1.png", "caption": "Blue."}\n'
-    )
-    raw, _ = run_lora_vlm.load_raw_datasets(run_lora_vlm.DataArguments(dataset_name=str(tmp_path)), None)
-    assert set(raw["train"].column_names) == {"image", "caption"}
 
 
 def test_vqa_answers_as_a_dict_of_lists():
@@ -581,6 +610,16 @@ def test_image_lists_of_any_list_type_are_not_decoded():
         inner = result if isinstance(result, datasets.Image) else result.feature
         assert inner.decode is False
         assert getattr(result, "length", None) == getattr(feature, "length", None)
+
+
+def test_switching_off_image_decoding_does_not_copy_the_data(tmp_path):
+    """Start-up must not grow with the dataset: no cache copy of the rows is written beside the data."""
+    path = store_dataset_dict(tmp_path)
+    args = script_args("--do_train", dataset=str(path))
+    splits, _, _ = run_lora_vlm.load_data(args.data, args.training, None)
+    assert splits["train"].dataset.features["image"].decode is False
+    assert isinstance(splits["train"][0]["row"]["image"], dict)
+    assert not list(path.rglob("cache-*.arrow"))
 
 
 # --- single rows ---------------------------------------------------------------------------------
@@ -648,15 +687,3 @@ def test_an_empty_turn_next_to_a_good_one_is_an_empty_answer():
     with pytest.raises(run_lora_vlm.InvalidRowError) as raised:
         normalize(row, list(row))
     assert raised.value.reason == "empty_answer"
-
-
-def test_switching_off_image_decoding_does_not_copy_the_data(tmp_path):
-    """Start-up must not grow with the dataset: no cache copy of the rows is written beside the data."""
-    path = tmp_path / "dataset"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(chartqa()[0])}).save_to_disk(str(path))
-    data_args = run_lora_vlm.DataArguments(dataset_name=str(path))
-    raw, _ = run_lora_vlm.load_raw_datasets(data_args, None)
-    splits = run_lora_vlm.prepare_splits(raw, data_args, TRAIN_ONLY)
-    assert splits["train"].dataset.features["image"].decode is False
-    assert isinstance(splits["train"][0]["row"]["image"], dict)
-    assert not list(path.rglob("cache-*.arrow"))

@@ -1,14 +1,16 @@
 # Licensed under the Apache License, Version 2.0 (the "License").
 """The Gaudi code path of run_lora_vlm.py, run on CPU through the habana_frameworks TEST DOUBLE.
 
-Each case runs this file as a script in a subprocess whose PYTHONPATH starts with tests/habana_double
-(importing optimum.habana patches transformers globally, so it must not leak into other tests). The
-Gaudi config `Habana/gpt2` of the seed commands is served from a local Hugging Face cache made here,
-so the seed flags are used unchanged and offline.
+All cases run in one subprocess (this file as a script) whose PYTHONPATH starts with tests/habana_double:
+importing optimum.habana patches transformers globally, so it must not leak into other tests, and importing it
+costs more than every case together. Each case sets PT_HPU_LAZY_MODE as its own process would. The Gaudi config
+`Habana/gpt2` of the seed commands is served from a local Hugging Face cache made here, so the seed flags are
+used unchanged and offline.
 """
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,21 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SEED_EIGHT_CARDS, SEED_MODEL_FLAGS, SEED_SINGLE_CARD
+
 HERE = Path(__file__).resolve().parent
 DOUBLE = HERE / "habana_double"
-SEED_MODEL_FLAGS = ["--model_name_or_path", "google/gemma-3-12b-it", "--dataset_name", "HuggingFaceM4/ChartQA"]
-SEED_SINGLE_CARD = [
-    "--num_train_epochs", "5", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
-    "--do_train", "--do_eval", "--output_dir", "./output_gemma3", "--gaudi_config_name", "Habana/gpt2",
-    "--use_habana", "--lora_rank", "16", "--max_train_samples", "128", "--overwrite_output_dir", "--bf16",
-    "--use_lazy_mode", "--gradient_checkpointing",
-]
-SEED_EIGHT_CARDS = [
-    "--num_train_epochs", "5", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
-    "--do_train", "--output_dir", "./output_gemma3", "--gaudi_config_name", "Habana/gpt2", "--use_habana",
-    "--lora_rank", "16", "--max_train_samples", "4096", "--overwrite_output_dir", "--bf16", "--logging_steps", "50",
-    "--log_level", "info", "--save_steps", "50", "--report_to", "tensorboard", "--do_eval", "--gradient_checkpointing",
-]
 # What we believe Habana/gpt2's gaudi_config.json holds (the Hub is unreachable here).
 HABANA_GPT2_CONFIG = {"use_fused_adam": True, "use_fused_clip_norm": True, "use_torch_autocast": True}
 
@@ -44,7 +35,38 @@ def fake_hub_cache(root: Path) -> Path:
     return root
 
 
-def run_case(tmp_path, mode, argv, lazy_env="1"):
+# Each case: (kind, argv, PT_HPU_LAZY_MODE or None for unset). The training case runs first, in a fresh
+# process state, as a real run would; the others only parse.
+SHORT_RUN_FLAGS = [f for f in SEED_SINGLE_CARD if f not in ("--gradient_checkpointing", "./output_gemma3")]
+WITHOUT_LAZY_FLAG = [f for f in SEED_SINGLE_CARD if f != "--use_lazy_mode"]
+CASES = {
+    "short cpu run": ("train", None, "1"),
+    "seed single card": ("parse", SEED_MODEL_FLAGS + SEED_SINGLE_CARD, "1"),
+    "seed eight cards": ("parse", SEED_MODEL_FLAGS + SEED_EIGHT_CARDS, "1"),
+    "fused attention": ("parse", SEED_MODEL_FLAGS + SEED_SINGLE_CARD + [
+        "--attn_implementation", "gaudi_fused_sdpa", "--flash_attention_recompute", "--flash_attention_causal_mask"], "1"),
+    "lazy flag, eager environment": ("parse", SEED_MODEL_FLAGS + WITHOUT_LAZY_FLAG + ["--use_lazy_mode"], "0"),
+    "lazy flag, environment unset": ("parse", SEED_MODEL_FLAGS + WITHOUT_LAZY_FLAG + ["--use_lazy_mode"], None),
+    "eager environment, no flag": ("parse", SEED_MODEL_FLAGS + WITHOUT_LAZY_FLAG, "0"),
+}
+
+
+@pytest.fixture(scope="module")
+def results(assets, tmp_path_factory):
+    """{case name: what the subprocess recorded}, for every case of CASES."""
+    tmp_path = tmp_path_factory.mktemp("gaudi_path")
+    train_flags = list(SHORT_RUN_FLAGS)
+    train_flags[train_flags.index("--output_dir") + 1:train_flags.index("--output_dir") + 1] = [str(tmp_path / "out")]
+    train_argv = [
+        "--model_name_or_path", assets["model"], "--dataset_name", assets["dataset"], *train_flags,
+        # Two accumulated micro-batches of unequal length (longest padding), 3 optimizer steps.
+        "--use_cpu", "--max_steps", "3", "--gradient_accumulation_steps", "2", "--padding_strategy", "longest",
+        "--max_eval_samples", "4", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
+    ]
+    cases = [{"name": name, "kind": kind, "argv": argv or train_argv, "lazy_env": lazy_env}
+             for name, (kind, argv, lazy_env) in CASES.items()]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PT_HPU_", "OMPI_", "PMI_")) and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     paths = [str(DOUBLE)]
     if importlib.util.find_spec("torchvision") is None:
@@ -52,70 +74,69 @@ def run_case(tmp_path, mode, argv, lazy_env="1"):
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env["PATH"]])  # its `pip list` check
     env.update(HF_HOME=str(fake_hub_cache(tmp_path / "hf")), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    if lazy_env is not None:
-        env["PT_HPU_LAZY_MODE"] = lazy_env
-    out = tmp_path / f"{mode}.json"
-    result = subprocess.run([sys.executable, __file__, mode, str(out), *argv], env=env, cwd=str(tmp_path),
-                            capture_output=True, text=True, timeout=600)
+    out = tmp_path / "results.json"
+    result = subprocess.run([sys.executable, __file__, str(tmp_path / "cases.json"), str(out)], env=env,
+                            cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and out.exists(), result.stdout[-3000:] + result.stderr[-5000:]
     return json.loads(out.read_text())
 
 
-def test_seed_commands_parse_into_gaudi_training_arguments(tmp_path):
-    for flags in (SEED_SINGLE_CARD, SEED_EIGHT_CARDS):
-        parsed = run_case(tmp_path, "parse", SEED_MODEL_FLAGS + flags)
-        assert parsed["class"] == "GaudiTrainingArguments"
+def case(results, name):
+    """What case `name` recorded; a case that raised fails here with its traceback."""
+    assert "traceback" not in results[name], results[name].get("traceback")
+    return results[name]
+
+
+SEED_HPU_INPUTS = {
+    "use_flash_attention": False, "flash_attention_recompute": False, "flash_attention_causal_mask": False,
+    "flash_attention_fast_softmax": False, "lazy_mode": True,
+}
+
+
+def test_seed_commands_parse_into_gaudi_training_arguments(results):
+    for name in ("seed single card", "seed eight cards"):
+        parsed = case(results, name)
+        assert parsed["class"] == "GaudiTrainingArguments", name
         assert parsed["use_habana"] and parsed["use_lazy_mode"] and parsed["gaudi_config_name"] == "Habana/gpt2"
         assert parsed["bf16"] and parsed["gradient_checkpointing"] and parsed["lora_rank"] == 16
         assert parsed["padding_strategy"] == "bucket"  # lazy mode: a few fixed shapes, not one per batch
-        assert parsed["hpu_model_inputs"] == {
-            "use_flash_attention": False, "flash_attention_recompute": False, "flash_attention_causal_mask": False,
-            "flash_attention_fast_softmax": False, "lazy_mode": True,
-        }
-    assert parsed["report_to"] == ["tensorboard"] and parsed["gradient_accumulation_steps"] == 2
+        assert parsed["hpu_model_inputs"] == SEED_HPU_INPUTS
+    eight = case(results, "seed eight cards")
+    assert eight["report_to"] == ["tensorboard"] and eight["gradient_accumulation_steps"] == 2
+    assert case(results, "seed single card")["gradient_accumulation_steps"] == 1
 
 
-def test_fused_attention_flags_reach_the_model_inputs(tmp_path):
-    parsed = run_case(tmp_path, "parse", SEED_MODEL_FLAGS + SEED_SINGLE_CARD + [
-        "--attn_implementation", "gaudi_fused_sdpa", "--flash_attention_recompute", "--flash_attention_causal_mask"])
+def test_fused_attention_flags_reach_the_model_inputs(results):
+    parsed = case(results, "fused attention")
     assert parsed["hpu_model_inputs"] == {
-        "use_flash_attention": True, "flash_attention_recompute": True, "flash_attention_causal_mask": True,
-        "flash_attention_fast_softmax": False, "lazy_mode": True,
+        **SEED_HPU_INPUTS, "use_flash_attention": True, "flash_attention_recompute": True, "flash_attention_causal_mask": True,
     }
     assert parsed["attn_implementation"] == "gaudi_fused_sdpa"
 
 
 @pytest.mark.parametrize(
-    "lazy_env, extra, expected",
+    "name, expected",
     [
-        ("0", ["--use_lazy_mode"], "PT_HPU_LAZY_MODE=0 asks for eager mode but --use_lazy_mode is True: drop --use_lazy_mode"),
-        (None, ["--use_lazy_mode"], "PT_HPU_LAZY_MODE is unset"),
+        ("lazy flag, eager environment",
+         "PT_HPU_LAZY_MODE=0 asks for eager mode but --use_lazy_mode is True: drop --use_lazy_mode"),
+        ("lazy flag, environment unset", "PT_HPU_LAZY_MODE is unset"),
     ],
 )
-def test_lazy_mode_and_environment_must_agree(tmp_path, lazy_env, extra, expected):
-    flags = [f for f in SEED_SINGLE_CARD if f != "--use_lazy_mode"] + extra
-    parsed = run_case(tmp_path, "parse", SEED_MODEL_FLAGS + flags, lazy_env=lazy_env)
-    assert expected in parsed["error"]
+def test_lazy_mode_and_environment_must_agree(results, name, expected):
+    assert expected in case(results, name)["error"]
 
 
-def test_eager_environment_without_the_flag_runs_eager(tmp_path):
-    flags = [f for f in SEED_SINGLE_CARD if f != "--use_lazy_mode"]
-    parsed = run_case(tmp_path, "parse", SEED_MODEL_FLAGS + flags, lazy_env="0")
+def test_eager_environment_without_the_flag_runs_eager(results):
+    parsed = case(results, "eager environment, no flag")
     assert parsed["use_lazy_mode"] is False and parsed["padding_strategy"] == "longest"
     assert parsed["hpu_model_inputs"]["lazy_mode"] is False
 
 
-def test_short_cpu_run_trains_through_gaudi_trainer_and_saves_the_adapter(tmp_path, assets):
-    flags = [f for f in SEED_SINGLE_CARD if f not in ("--gradient_checkpointing", "./output_gemma3")]
-    flags[flags.index("--output_dir") + 1:flags.index("--output_dir") + 1] = [str(tmp_path / "out")]
-    run = run_case(tmp_path, "train", [
-        "--model_name_or_path", assets["model"], "--dataset_name", assets["dataset"], *flags,
-        # Two accumulated micro-batches of unequal length (longest padding), 3 optimizer steps.
-        "--use_cpu", "--max_steps", "3", "--gradient_accumulation_steps", "2", "--padding_strategy", "longest",
-        "--max_eval_samples", "4", "--report_to", "none", "--save_strategy", "no",
-    ])
+def test_short_cpu_run_trains_through_gaudi_trainer_and_saves_the_adapter(results):
+    run = case(results, "short cpu run")
     assert "GaudiTrainer" in run["trainer_classes"]
-    assert run["global_step"] == 3 and all(x == x for x in run["losses"])
+    assert run["global_step"] == 3
+    assert len(run["losses"]) == 3 and all(math.isfinite(loss) for loss in run["losses"])
     assert run["hpu_model_inputs"]["lazy_mode"] is True and "use_flash_attention" in run["batch_keys"]
     # The window's trained-token count reaches the loss for every micro-batch, despite unequal lengths.
     assert len(run["num_items_in_batch"]) == 6 and None not in run["num_items_in_batch"]
@@ -125,16 +146,17 @@ def test_short_cpu_run_trains_through_gaudi_trainer_and_saves_the_adapter(tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------
-# The subprocess side: python test_gaudi_path.py MODE OUT_JSON ARGV...
+# The subprocess side: python test_gaudi_path.py CASES_JSON OUT_JSON
 
 
 def _parse_case(argv):
     import run_lora_vlm
 
     try:
-        model_args, data_args, lora_args, _, _, training_args = run_lora_vlm.parse_args(argv)
+        args = run_lora_vlm.parse_args(argv)
     except ValueError as e:
         return {"error": str(e)}
+    training_args = args.training
     return {
         "class": type(training_args).__name__,
         "use_habana": training_args.use_habana,
@@ -144,10 +166,10 @@ def _parse_case(argv):
         "gradient_checkpointing": training_args.gradient_checkpointing,
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "report_to": training_args.report_to,
-        "lora_rank": lora_args.lora_rank,
-        "padding_strategy": data_args.padding_strategy,
-        "attn_implementation": model_args.attn_implementation,
-        "hpu_model_inputs": run_lora_vlm.hpu_model_inputs(training_args),
+        "lora_rank": args.lora.lora_rank,
+        "padding_strategy": args.data.padding_strategy,
+        "attn_implementation": training_args.attn_implementation,
+        "hpu_model_inputs": run_lora_vlm.hpu_model_inputs(training_args, run_lora_vlm.MODEL_FAMILIES["gemma3"]),
     }
 
 
@@ -175,7 +197,10 @@ def _train_case(argv):
         return batch
 
     run_lora_vlm.TrainingLossMonitor.loss, run_lora_vlm.VisionChatCollator.pad = loss, pad
-    trainer = run_lora_vlm.main(argv)
+    try:
+        trainer = run_lora_vlm.main(run_lora_vlm.parse_args(argv))
+    finally:
+        run_lora_vlm.TrainingLossMonitor.loss, run_lora_vlm.VisionChatCollator.pad = original_loss, original_pad
     output_dir = Path(trainer.args.output_dir)
     base = AutoModelForImageTextToText.from_pretrained(argv[argv.index("--model_name_or_path") + 1])
     reloaded = PeftModel.from_pretrained(base, str(output_dir))
@@ -193,7 +218,16 @@ def _train_case(argv):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE.parent))
-    mode, out_path, case_argv = sys.argv[1], sys.argv[2], sys.argv[3:]
-    result = {"parse": _parse_case, "train": _train_case}[mode](case_argv)
-    Path(out_path).write_text(json.dumps(result))
+    import traceback
+
+    cases_path, out_path = sys.argv[1], sys.argv[2]
+    recorded = {}
+    for spec in json.loads(Path(cases_path).read_text()):
+        os.environ.pop("PT_HPU_LAZY_MODE", None)
+        if spec["lazy_env"] is not None:
+            os.environ["PT_HPU_LAZY_MODE"] = spec["lazy_env"]
+        try:
+            recorded[spec["name"]] = {"parse": _parse_case, "train": _train_case}[spec["kind"]](spec["argv"])
+        except Exception:  # recorded for that case's test; the other cases still run
+            recorded[spec["name"]] = {"traceback": traceback.format_exc()}
+    Path(out_path).write_text(json.dumps(recorded))

@@ -2,7 +2,7 @@
 """Image decoding: every PIL mode becomes RGB correctly, every way of storing an image is accepted,
 EXIF orientation is applied, and unusable images are invalid rows with a stable reason.
 
-Unit tests on `open_image`/`to_rgb`, plus one CPU training run that checks the pixels the model sees.
+Unit tests on `open_image`/`to_rgb`, plus the pixels of a batch the script's data path makes from image files.
 """
 
 import io
@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import run_lora_vlm
-from conftest import train_argv
+from conftest import collate_split, script_args
 from run_lora_vlm import InvalidRowError, open_image, to_rgb
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -208,8 +207,8 @@ def test_unusable_images_are_invalid_rows(case, tmp_path):
 # --- through the whole pipeline ------------------------------------------------------------------
 
 
-def test_pixels_the_model_sees(assets, tmp_path):
-    """JSONL rows whose images need conversion train, and the batch's pixels show white backgrounds.
+def test_pixels_the_model_sees(processor, tmp_path):
+    """JSONL rows whose image files need conversion: the batch's pixels show white backgrounds.
 
     The tiny processor normalizes with mean = std = 0.5, so white is +1 and black -1 in every channel.
     """
@@ -226,9 +225,7 @@ def test_pixels_the_model_sees(assets, tmp_path):
         rows.append({"image": name, "question": f"What is in {name}?", "answer": "Nothing."})
     data_file = tmp_path / "data.jsonl"
     data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    argv = train_argv(assets, tmp_path / "out", "--max_steps", "1", "--do_train", dataset=str(data_file))
-    trainer = run_lora_vlm.main(argv)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    _, batch = collate_split(processor, script_args("--do_train", dataset=str(data_file)))
     pixel_values = batch["pixel_values"]
     assert pixel_values.shape[0] == len(rows)
     for index, name in enumerate(images):

@@ -4,12 +4,11 @@
 import pytest
 import torch
 
-import run_lora_vlm as rlv
-from conftest import train_argv
+from conftest import run_training, train_argv
 
 
 def run(assets, output_dir, batch_size, accumulation):
-    trainer = rlv.main(train_argv(
+    trainer = run_training(train_argv(
         assets, output_dir, "--do_train", "--max_train_samples", "8", "--max_steps", "2",
         "--per_device_train_batch_size", str(batch_size), "--gradient_accumulation_steps", str(accumulation),
         # Plain SGD moves the weights by exactly lr x gradient, so equal weights mean equal gradients.

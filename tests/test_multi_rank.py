@@ -4,18 +4,15 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO_ROOT, TESTS_DIR, train_argv
+from conftest import TESTS_DIR, launch_command, run_training, train_argv
+
 
 def spawn(assets, output_dir, record_dir, world_size, *flags):
-    command = [
-        sys.executable, str(REPO_ROOT / "gaudi_spawn.py"), "--world_size", str(world_size), "--use_mpi",
-        str(TESTS_DIR / "record_rows_main.py"), "--record_dir", str(record_dir),
-        *train_argv(assets, output_dir, *flags),
-    ]
+    command = launch_command(world_size, TESTS_DIR / "record_rows_main.py", "--record_dir", str(record_dir),
+                             *train_argv(assets, output_dir, *flags))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -41,16 +38,19 @@ def test_two_mpi_ranks_share_each_epoch_exactly_once_and_agree(assets, tmp_path)
     output = tmp_path / "out"
     assert (output / "adapter_model.safetensors").is_file()
     assert json.loads((output / "all_results.json").read_text())["eval_loss"] == ranks[0]["eval"]["eval_loss"]
-    assert "effective batch size 4" in result.stdout
+    assert "effective batch size 4" in result.stdout + result.stderr
 
 
 def test_two_ranks_of_batch_one_train_like_one_rank_of_batch_two(assets, tmp_path):
     flags = ("--do_train", "--max_train_samples", "8", "--max_steps", "3", "--lora_dropout", "0",
              "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--max_grad_norm", "0")
     two, _ = spawn(assets, tmp_path / "two", tmp_path / "record_two", 2, *flags, "--per_device_train_batch_size", "1")
-    one, _ = spawn(assets, tmp_path / "one", tmp_path / "record_one", 1, *flags, "--per_device_train_batch_size", "2")
-    assert two[0]["losses"] == pytest.approx(one[0]["losses"], rel=1e-4)
-    for name, values in one[0]["lora"].items():
+    # The single rank in this process, recorded as record_rows_main.py records each rank.
+    one = run_training(train_argv(assets, tmp_path / "one", *flags, "--per_device_train_batch_size", "2"))
+    assert two[0]["losses"] == pytest.approx([e["loss"] for e in one.state.log_history if "loss" in e], rel=1e-4)
+    lora = {k: v.detach().flatten()[:64].tolist() for k, v in one.model.state_dict().items() if "lora_" in k}
+    assert lora.keys() == two[0]["lora"].keys()
+    for name, values in lora.items():
         # Float32 all-reduce sums in another order than one local batch: equal up to rounding.
         assert two[0]["lora"][name] == pytest.approx(values, rel=1e-3, abs=1e-5), name
 
@@ -63,7 +63,9 @@ def test_a_rank_whose_whole_batch_is_skipped_neither_crashes_nor_hangs(assets, t
     train = train.map(lambda row, i: {"label": [""] if i % 2 else row["label"]}, with_indices=True)
     data = tmp_path / "half_bad"
     datasets.DatasetDict({"train": train}).save_to_disk(str(data))
-    spawn_flags = ("--do_train", "--per_device_train_batch_size", "1", "--invalid_rows", "skip", "--num_train_epochs", "1")
+    # Without the start-up validation, the bad rows reach the collator and a rank's whole batch is skipped there.
+    spawn_flags = ("--do_train", "--per_device_train_batch_size", "1", "--invalid_rows", "skip", "--num_train_epochs", "1",
+                   "--validate_rows", "none")
     ranks, _ = spawn({**assets, "dataset": str(data)}, tmp_path / "out", tmp_path / "record", 2, *spawn_flags)
     report = json.loads((tmp_path / "out" / "skipped_rows.json").read_text())
     assert report["skipped_by_reason"] == {"empty_answer": 4}
@@ -72,13 +74,11 @@ def test_a_rank_whose_whole_batch_is_skipped_neither_crashes_nor_hangs(assets, t
     assert len(ranks[0]["losses"]) == 4
 
 
-def test_llava_next_trains_on_two_ranks_with_its_vision_tower_frozen_or_adapted(assets, tmp_path):
-    import tiny_llava_next
-
-    model = tiny_llava_next.write_assets(str(tmp_path / "model"))["model"]
-    for extra in ((), ("--train_vision_tower",)):
-        name = "adapted" if extra else "frozen"
-        ranks, _ = spawn({**assets, "model": model}, tmp_path / name, tmp_path / f"record_{name}", 2,
-                         "--do_train", "--max_steps", "2", "--per_device_train_batch_size", "2", *extra)
-        assert ranks[0]["lora"] == ranks[1]["lora"]
-        assert any("vision_tower" in key for key in ranks[0]["lora"]) == bool(extra)
+def test_llava_next_trains_on_two_ranks_with_its_vision_tower_adapted(assets, family_models, tmp_path):
+    """LLaVA-NeXT reads the second-to-last vision layer, so the last one's LoRA weights get no gradient: DDP must
+    allow unused parameters. (Without --train_vision_tower no vision weight is adapted at all: test_model_families.)"""
+    ranks, _ = spawn({**assets, "model": family_models["llava_next"]}, tmp_path / "out", tmp_path / "record", 2,
+                     "--do_train", "--max_steps", "2", "--per_device_train_batch_size", "2", "--train_vision_tower")
+    assert ranks[0]["lora"] == ranks[1]["lora"]
+    assert any("vision_tower" in key for key in ranks[0]["lora"])
+    assert len(ranks[0]["losses"]) == 2

@@ -14,18 +14,15 @@
 Run offline: ``HF_HUB_OFFLINE=1 python -m pytest -q tests/test_tiny_assets.py`` (a few seconds).
 """
 
-import contextlib
-import io
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import tiny_assets  # noqa: E402
+import tiny_assets
+from conftest import run_builder_cli
+from tiny_assets import chart_messages
 
 
 @pytest.fixture(scope="module")
@@ -41,38 +38,18 @@ def built_processor(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def built_model(built_processor):
+def built_model(tokenizer):
     """The tiny random model, seeded."""
-    return tiny_assets.build_model(built_processor, seed=0)
+    return tiny_assets.build_model(tokenizer, seed=0)
 
 
 @pytest.fixture(scope="module")
 def cli_assets(tmp_path_factory):
-    """Assets written to disk once, through the command-line entry point (small splits).
-
-    In-process rather than a subprocess: importing torch and transformers again would cost more
-    than the whole rest of this file.
-    """
+    """Assets written to disk once, through the command-line entry point (small splits)."""
     out = tmp_path_factory.mktemp("tiny")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        tiny_assets.main(["--output_dir", str(out), "--n_train", "8", "--n_val", "4", "--n_test", "4"])
-    expected = [str(out / "gemma3"), str(out / "chartqa")]
-    assert printed.getvalue().strip().splitlines()[-2:] == expected
-    return {"model": expected[0], "dataset": expected[1]}
-
-
-def chart_messages(row, system=None, with_answer=True):
-    """A ChartQA row as chat messages in the multimodal format the fine-tuning script uses."""
-    messages = []
-    if system is not None:
-        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
-    messages.append(
-        {"role": "user", "content": [{"type": "image", "image": row["image"]}, {"type": "text", "text": row["query"]}]}
-    )
-    if with_answer:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": row["label"][0]}]})
-    return messages
+    printed = run_builder_cli(tiny_assets.main, "--output_dir", str(out), "--n_train", "8", "--n_val", "4", "--n_test", "4")
+    assert printed == [str(out / "gemma3"), str(out / "chartqa")]
+    return {"model": printed[0], "dataset": printed[1]}
 
 
 # --- tokenizer -----------------------------------------------------------------------------------

@@ -14,19 +14,15 @@
 Run offline: ``HF_HUB_OFFLINE=1 python -m pytest -q tests/test_tiny_llava_next.py`` (seconds).
 """
 
-import contextlib
-import io
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import tiny_assets  # noqa: E402
-import tiny_llava_next  # noqa: E402
+import tiny_assets
+import tiny_llava_next
+from conftest import run_builder_cli
 
 QUESTION = "How many bars are there?"
 IMAGE_PROMPT = f"[INST] <image>\n{QUESTION} [/INST]"
@@ -52,26 +48,16 @@ def built_processor(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def built_model(built_processor):
-    return tiny_llava_next.build_model(built_processor, seed=0)
-
-
-@pytest.fixture(scope="module")
-def charts():
-    """Four tiny_assets charts (96x64, width x height) with their questions and answers."""
-    return tiny_assets.make_chart_rows(4, seed=5)
+def built_model(tokenizer):
+    return tiny_llava_next.build_model(tokenizer, seed=0)
 
 
 @pytest.fixture(scope="module")
 def cli_assets(tmp_path_factory):
-    """Assets written once through the command-line entry point (in-process, to save an import)."""
+    """Assets written once through the command-line entry point."""
     out = tmp_path_factory.mktemp("tiny_llava_next")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        tiny_llava_next.main(["--output_dir", str(out)])
-    expected = str(out / "llava_next")
-    assert printed.getvalue().splitlines() == [expected]
-    return {"model": expected}
+    assert run_builder_cli(tiny_llava_next.main, "--output_dir", str(out)) == [str(out / "llava_next")]
+    return {"model": str(out / "llava_next")}
 
 
 # Tokenizer.
@@ -232,33 +218,33 @@ def test_image_token_expansion(tokenizer, built_processor, built_model, size, ex
     assert [f.shape[0] for f in features] == [expected_tokens]
 
 
-def test_chart_sizes(charts):
-    assert all(row["image"].size == tiny_assets.CHART_SIZE == (96, 64) for row in charts)
+def test_chart_sizes(chart_rows):
+    assert all(row["image"].size == tiny_assets.CHART_SIZE == (96, 64) for row in chart_rows)
 
 
 # Model.
 
 
-def _chart_batch(processor, charts):
+def _chart_batch(processor, chart_rows):
     """Training-style batch: a 96x64 chart, a 64x96 one, and a 32x32 image (3 tiles, padded to 5)."""
     from PIL import Image
 
     images = [
-        charts[0]["image"],
-        charts[1]["image"].transpose(Image.Transpose.TRANSPOSE),
-        charts[2]["image"].resize((32, 32)),
+        chart_rows[0]["image"],
+        chart_rows[1]["image"].transpose(Image.Transpose.TRANSPOSE),
+        chart_rows[2]["image"].resize((32, 32)),
     ]
     texts = [
         processor.apply_chat_template([user_turn(row["query"]), assistant_turn(row["label"][0])])
-        for row in charts[:3]
+        for row in chart_rows[:3]
     ]
     batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     return batch, labels
 
 
-def test_forward_gives_finite_loss(tokenizer, built_processor, built_model, charts):
-    batch, labels = _chart_batch(built_processor, charts)
+def test_forward_gives_finite_loss(tokenizer, built_processor, built_model, chart_rows):
+    batch, labels = _chart_batch(built_processor, chart_rows)
     assert tuple(batch["pixel_values"].shape) == (3, 5, 3, 32, 32)
     counts = (batch["input_ids"] == tokenizer.image_token_id).sum(dim=1).tolist()
     assert counts == [70, 72, 36]
@@ -293,17 +279,17 @@ def test_config_matches_processor(tokenizer, built_processor, built_model):
     assert generation.do_sample is False
 
 
-def test_generate(tokenizer, built_processor, built_model, charts):
-    prompt = built_processor.apply_chat_template([user_turn(charts[0]["query"])])
-    inputs = built_processor(text=prompt, images=charts[0]["image"], return_tensors="pt")
+def test_generate(tokenizer, built_processor, built_model, chart_rows):
+    prompt = built_processor.apply_chat_template([user_turn(chart_rows[0]["query"])])
+    inputs = built_processor(text=prompt, images=chart_rows[0]["image"], return_tensors="pt")
     with torch.no_grad():
         out = built_model.generate(**inputs, max_new_tokens=4)
     assert out.shape[0] == 1 and inputs["input_ids"].shape[1] < out.shape[1] <= inputs["input_ids"].shape[1] + 4
     assert out[0, : inputs["input_ids"].shape[1]].tolist() == inputs["input_ids"][0].tolist()
 
 
-def test_deterministic_for_a_seed(built_processor, built_model):
-    again = tiny_llava_next.build_model(built_processor, seed=0)
+def test_deterministic_for_a_seed(tokenizer, built_model):
+    again = tiny_llava_next.build_model(tokenizer, seed=0)
     for (name, a), (_, b) in zip(built_model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -311,7 +297,7 @@ def test_deterministic_for_a_seed(built_processor, built_model):
 # Saved assets.
 
 
-def test_reload_with_auto_classes(cli_assets, tokenizer, built_processor, charts):
+def test_reload_with_auto_classes(cli_assets, tokenizer, built_processor, chart_rows):
     import json
 
     from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaNextForConditionalGeneration
@@ -335,12 +321,12 @@ def test_reload_with_auto_classes(cli_assets, tokenizer, built_processor, charts
     assert model.config.model_type == "llava_next"
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
 
-    text = processor.apply_chat_template([user_turn(charts[0]["query"]), assistant_turn(charts[0]["label"][0])])
-    reloaded = processor(text=text, images=charts[0]["image"], return_tensors="pt")
-    built = built_processor(text=text, images=charts[0]["image"], return_tensors="pt")
+    text = processor.apply_chat_template([user_turn(chart_rows[0]["query"]), assistant_turn(chart_rows[0]["label"][0])])
+    reloaded = processor(text=text, images=chart_rows[0]["image"], return_tensors="pt")
+    built = built_processor(text=text, images=chart_rows[0]["image"], return_tensors="pt")
     assert reloaded["input_ids"].tolist() == built["input_ids"].tolist()
     assert torch.allclose(reloaded["pixel_values"], built["pixel_values"])
-    fresh = tiny_llava_next.build_model(built_processor, seed=0)
+    fresh = tiny_llava_next.build_model(tokenizer, seed=0)
     model.eval()
     with torch.no_grad():
         assert torch.allclose(model(**reloaded).logits, fresh(**built).logits, atol=1e-5)

@@ -9,24 +9,27 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Tiny, offline stand-ins for google/gemma-3-*-it and the ChartQA dataset.
+"""Tiny, offline stand-ins for google/gemma-3-*-it and the ChartQA dataset, and the builder parts
+that the other families' stand-ins (tiny_qwen2_5_vl, tiny_llava_next) share.
 
-Everything here is built on the spot, without a model hub or internet, in a
-few seconds on a CPU:
+Everything here is built on the spot, without a model hub or internet, in a few seconds on a
+CPU:
 
-* ``build_tokenizer()``: a byte-fallback BPE tokenizer trained with the
-  ``tokenizers`` library, wrapped as a ``GemmaTokenizerFast`` with Gemma's
-  special tokens (``<pad>``=0, ``<eos>``=1, ``<bos>``=2, ``<unk>``=3, the turn
-  and image markers), Gemma's space handling ("▁"), a ``<bos>`` added by the
-  tokenizer itself, and Gemma 3's real chat template.
-* ``build_processor(tokenizer)``: a ``Gemma3Processor`` for 32x32 images that
-  become 4 ``<image_soft_token>`` each.
-* ``build_model(processor)``: a randomly initialised
-  ``Gemma3ForConditionalGeneration`` of about a quarter million parameters.
-* ``make_chart_rows(n, seed)``: bar charts drawn with PIL, with questions whose
-  answers can be read off the image, in ChartQA's schema.
+* ``build_tokenizer()``: a byte-fallback BPE tokenizer trained with the ``tokenizers`` library,
+  wrapped as a ``GemmaTokenizerFast`` with Gemma's special tokens (``<pad>``=0, ``<eos>``=1,
+  ``<bos>``=2, ``<unk>``=3, the turn and image markers), Gemma's space handling ("▁"), a ``<bos>``
+  added by the tokenizer itself, and Gemma 3's real chat template.
+* ``build_processor(tokenizer)``: a ``Gemma3Processor`` for 32x32 images that become 4
+  ``<image_soft_token>`` each.
+* ``build_model(tokenizer)``: a randomly initialised ``Gemma3ForConditionalGeneration`` of about a
+  quarter million parameters.
+* ``make_chart_rows(n, seed)``: bar charts drawn with PIL, with questions whose answers can be read
+  off the image, in ChartQA's schema; ``chart_messages(row)`` puts one in the chat format.
 * ``write_assets(output_dir)``: saves all of it so that ``AutoProcessor``,
   ``AutoModelForImageTextToText`` and ``datasets.load_from_disk`` load it.
+
+Shared by the three families' builders: ``training_corpus``, ``train_bpe``, ``greedy_generation_config``,
+``random_model``, ``save_model_and_processor`` and ``run_builder_cli``.
 
 Command line::
 
@@ -119,7 +122,7 @@ BAR_COLOURS = {
 }
 
 
-def _training_corpus():
+def training_corpus():
     """Return sentences that cover what the tokenizer will see, so BPE learns useful merges.
 
     Chat markup, chart questions and answers, plain English, digits and punctuation; any other
@@ -157,19 +160,25 @@ def _training_corpus():
     return lines
 
 
-def _train_bpe_vocab_and_merges(vocab_size=BPE_VOCAB_SIZE):
-    """Train a throw-away BPE model and return its (tokens in id order, merges).
+def train_bpe(corpus, vocab_size=BPE_VOCAB_SIZE, prepend_space=False, newline_pieces=True):
+    """Train a throw-away SentencePiece-style BPE model and return its (pieces in id order, merges).
 
-    Training uses a pre-tokenizer that splits before each "▁", around runs of newlines and around
-    every digit, so merges stay word-like and digits stay single tokens as in Gemma (split_digits).
-    The final tokenizer has no pre-tokenizer at all, like Gemma's.
+    Training normalises like the final tokenizers (spaces become "▁", and with ``prepend_space`` a "▁"
+    is put in front, as in Llama/Mistral's "legacy" layout) and splits before each "▁", around runs of
+    newlines and around every digit, so merges stay word-like and digits stay single tokens, as in
+    Gemma and Mistral (split_digits). The final tokenizers have no pre-tokenizer at all. Without
+    ``newline_pieces`` no piece or merge holds a "\\n", so a newline is always the byte token <0x0A>,
+    as in Mistral.
     """
     import json
 
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     trainee = Tokenizer(models.BPE(unk_token="<unk>"))
-    trainee.normalizer = normalizers.Replace(" ", SPIECE_SPACE)
+    replace_spaces = normalizers.Replace(" ", SPIECE_SPACE)
+    trainee.normalizer = (
+        normalizers.Sequence([normalizers.Prepend(SPIECE_SPACE), replace_spaces]) if prepend_space else replace_spaces
+    )
     trainee.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(SPIECE_SPACE, behavior="merged_with_next"),
@@ -178,12 +187,14 @@ def _train_bpe_vocab_and_merges(vocab_size=BPE_VOCAB_SIZE):
         ]
     )
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=["<unk>"])
-    trainee.train_from_iterator(_training_corpus(), trainer=trainer)
+    trainee.train_from_iterator(corpus, trainer=trainer)
     state = json.loads(trainee.to_str())["model"]
-    vocab = state["vocab"]
-    tokens = [tok for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if tok != "<unk>"]
+    pieces = [tok for tok, _ in sorted(state["vocab"].items(), key=lambda kv: kv[1]) if tok != "<unk>"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    return tokens, merges
+    if not newline_pieces:
+        pieces = [p for p in pieces if "\n" not in p]
+        merges = [m for m in merges if not any("\n" in part for part in m)]
+    return pieces, merges
 
 
 def build_tokenizer():
@@ -195,7 +206,7 @@ def build_tokenizer():
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
     from transformers import GemmaTokenizerFast
 
-    pieces, merges = _train_bpe_vocab_and_merges()
+    pieces, merges = train_bpe(training_corpus())
     leading = SPECIAL_TOKENS + TURN_TOKENS + [BOI_TOKEN, EOI_TOKEN]
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     reserved = set(leading + byte_tokens + [IMAGE_TOKEN])
@@ -318,18 +329,20 @@ def build_config(tokenizer):
 
 
 def build_generation_config(tokenizer):
-    """Return a ``GenerationConfig`` stopping on ``<eos>`` or ``<end_of_turn>`` like Gemma 3's.
-
-    Greedy instead of the real top-k/top-p sampling, so tests that generate are deterministic.
-    """
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
+    """Return a ``GenerationConfig`` stopping on ``<eos>`` or ``<end_of_turn>`` like Gemma 3's."""
+    return greedy_generation_config(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")],
         pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
     )
+
+
+def greedy_generation_config(**token_ids):
+    """A ``GenerationConfig`` with these token ids; greedy instead of the real models' sampling, so tests
+    that generate are deterministic."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**token_ids, do_sample=False)
 
 
 def random_model(model_class, config, generation_config, seed=0):
@@ -352,11 +365,10 @@ def save_model_and_processor(model, processor, model_dir):
     return model_dir
 
 
-def build_model(processor, seed=0):
+def build_model(tokenizer, seed=0):
     """Return a tiny randomly initialised ``Gemma3ForConditionalGeneration`` (float32, eval mode)."""
     from transformers import Gemma3ForConditionalGeneration
 
-    tokenizer = processor.tokenizer
     return random_model(Gemma3ForConditionalGeneration, build_config(tokenizer), build_generation_config(tokenizer), seed)
 
 
@@ -423,6 +435,20 @@ def make_chart_rows(n, seed=0):
     return rows
 
 
+def chart_messages(row, system=None, with_answer=True):
+    """A chart row as chat messages in the multimodal format chat templates take: an optional system
+    turn, the user turn (the image, then the question) and, unless ``with_answer`` is false, the answer."""
+    messages = []
+    if system is not None:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
+    messages.append(
+        {"role": "user", "content": [{"type": "image", "image": row["image"]}, {"type": "text", "text": row["query"]}]}
+    )
+    if with_answer:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": row["label"][0]}]})
+    return messages
+
+
 def build_chartqa(n_train=64, n_val=16, n_test=16, seed=0):
     """Return a ``datasets.DatasetDict`` with ChartQA's splits (train/val/test) and features."""
     import datasets
@@ -455,25 +481,27 @@ def write_assets(output_dir, n_train=64, n_val=16, n_test=16, seed=0):
     os.makedirs(output_dir, exist_ok=True)
 
     tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    save_model_and_processor(build_model(processor, seed=seed), processor, model_dir)
+    save_model_and_processor(build_model(tokenizer, seed=seed), build_processor(tokenizer), model_dir)
 
     build_chartqa(n_train, n_val, n_test, seed=seed).save_to_disk(data_dir)
     return {"model": model_dir, "dataset": data_dir}
 
 
+def run_builder_cli(doc, write_assets, argv=None, **sizes):
+    """A tiny builder's command line: --output_dir, --seed and the integer options ``sizes`` (name: default),
+    passed to ``write_assets`` as keywords; prints each path it returns, one a line."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--output_dir", required=True, help="Folder to write into (created if missing).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and data (default: 0).")
+    for name, default in sizes.items():
+        parser.add_argument(f"--{name}", type=int, default=default, help=f"Rows in the {name[2:]} split (default: {default}).")
+    for path in write_assets(**vars(parser.parse_args(argv))).values():
+        print(path)
+
+
 def main(argv=None):
     """Command line entry point: write the assets and print their two paths."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--n_train", type=int, default=64)
-    parser.add_argument("--n_val", type=int, default=16)
-    parser.add_argument("--n_test", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    paths = write_assets(args.output_dir, args.n_train, args.n_val, args.n_test, args.seed)
-    print(paths["model"])
-    print(paths["dataset"])
+    run_builder_cli(__doc__, write_assets, argv, n_train=64, n_val=16, n_test=16)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ data; this file writes no dataset of its own):
 * ``build_processor(tokenizer)``: a ``LlavaNextProcessor`` around a ``LlavaNextImageProcessor`` that
   tiles images "any resolution" style in 32x32 crops, with the real model's grid pinpoints scaled
   from 336 to 32, and the real chat template.
-* ``build_model(processor)``: a randomly initialised ``LlavaNextForConditionalGeneration`` (tiny CLIP
+* ``build_model(tokenizer)``: a randomly initialised ``LlavaNextForConditionalGeneration`` (tiny CLIP
   vision tower, tiny Mistral language model), about 210 thousand parameters.
 * ``write_assets(output_dir)``: saves model and processor to ``output_dir/llava_next`` so that
   ``AutoProcessor`` and ``AutoModelForImageTextToText`` load them offline.
@@ -49,14 +49,9 @@ Command line::
     python tests/tiny_llava_next.py --output_dir DIR [--seed 0]
 """
 
-import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import tiny_assets  # noqa: E402
-
+import tiny_assets
 
 # The processor's chat template, exactly as llava-hf/llava-v1.6-mistral-7b-hf ships it
 # (chat_template.json). It is data, not code. Note what it does and does not do: no bos_token (the
@@ -99,7 +94,6 @@ SPIECE_SPACE = tiny_assets.SPIECE_SPACE
 # Size of the tiny world. Each tile (crop) is IMAGE_SIZE x IMAGE_SIZE pixels, seen by the CLIP
 # tower in PATCH_SIZE patches: (32 / 8) ** 2 = 16 patch features per tile, plus CLS, which the
 # "default" feature strategy drops. The real model: 336-pixel tiles, 14-pixel patches, 576.
-BPE_VOCAB_SIZE = 640
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
 REAL_IMAGE_SIZE = 336
@@ -120,7 +114,7 @@ def _training_corpus():
     [INST] and [/INST] are ordinary text in Mistral v0.2, so BPE sees them; the special tokens
     (<s>, </s>, <image>) never need pieces of their own.
     """
-    lines = list(tiny_assets._training_corpus())
+    lines = list(tiny_assets.training_corpus())
     lines += [
         "[INST] What is shown in this image? [/INST] A bar chart.",
         "[INST] How many bars are there? [/INST] 3",
@@ -129,39 +123,6 @@ def _training_corpus():
         " [/INST] [INST] ",
     ]
     return lines
-
-
-def _train_bpe_vocab_and_merges(vocab_size=BPE_VOCAB_SIZE):
-    """Train a throw-away BPE model and return its (pieces in id order, merges).
-
-    Training normalises like the final tokenizer (prepend "▁", spaces to "▁") and pre-tokenizes
-    before each "▁", around newlines and around every digit, so merges stay word-like and digits
-    stay single, as in Mistral (split_digits). Pieces containing "\\n" are dropped so that a
-    newline is always the byte token <0x0A>, as in Mistral.
-    """
-    import json
-
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-    trainee = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
-    trainee.normalizer = normalizers.Sequence(
-        [normalizers.Prepend(SPIECE_SPACE), normalizers.Replace(" ", SPIECE_SPACE)]
-    )
-    trainee.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(SPIECE_SPACE, behavior="merged_with_next"),
-            pre_tokenizers.Split(Regex("\n+"), behavior="isolated"),
-            pre_tokenizers.Digits(individual_digits=True),
-        ]
-    )
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=[UNK_TOKEN])
-    trainee.train_from_iterator(_training_corpus(), trainer=trainer)
-    state = json.loads(trainee.to_str())["model"]
-    vocab = state["vocab"]
-    pieces = [tok for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if tok != UNK_TOKEN and "\n" not in tok]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    merges = [m for m in merges if not any("\n" in part for part in m)]
-    return pieces, merges
 
 
 def build_tokenizer():
@@ -174,7 +135,8 @@ def build_tokenizer():
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
     from transformers import LlamaTokenizerFast
 
-    pieces, merges = _train_bpe_vocab_and_merges()
+    # Pieces follow Mistral's layout: a "▁" in front of the text, and a newline always the byte token <0x0A>.
+    pieces, merges = tiny_assets.train_bpe(_training_corpus(), prepend_space=True, newline_pieces=False)
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     trailing = [IMAGE_TOKEN, PAD_TOKEN]
     reserved = set(SPECIAL_TOKENS + byte_tokens + trailing)
@@ -316,22 +278,18 @@ def build_config(tokenizer):
 
 def build_generation_config(tokenizer):
     """Return a greedy ``GenerationConfig`` that stops on ``</s>`` and pads with ``<pad>``."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
+    return tiny_assets.greedy_generation_config(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
 
 
-def build_model(processor, seed=0):
+def build_model(tokenizer, seed=0):
     """Return a tiny randomly initialised ``LlavaNextForConditionalGeneration`` (float32, eval mode)."""
     from transformers import LlavaNextForConditionalGeneration
 
-    tokenizer = processor.tokenizer
-    return tiny_assets.random_model(LlavaNextForConditionalGeneration, build_config(tokenizer), build_generation_config(tokenizer), seed)
+    return tiny_assets.random_model(
+        LlavaNextForConditionalGeneration, build_config(tokenizer), build_generation_config(tokenizer), seed
+    )
 
 
 def write_assets(output_dir, seed=0):
@@ -339,21 +297,14 @@ def write_assets(output_dir, seed=0):
 
     Training data: tiny_assets' ChartQA stand-in (``tiny_assets.write_assets`` / ``build_chartqa``).
     """
+    tokenizer = build_tokenizer()
     model_dir = os.path.join(output_dir, "llava_next")
-    os.makedirs(output_dir, exist_ok=True)
-
-    processor = build_processor(build_tokenizer())
-    return {"model": tiny_assets.save_model_and_processor(build_model(processor, seed=seed), processor, model_dir)}
+    return {"model": tiny_assets.save_model_and_processor(build_model(tokenizer, seed=seed), build_processor(tokenizer), model_dir)}
 
 
 def main(argv=None):
     """Command line entry point: write the assets and print the model path."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    paths = write_assets(args.output_dir, args.seed)
-    print(paths["model"])
+    tiny_assets.run_builder_cli(__doc__, write_assets, argv)
 
 
 if __name__ == "__main__":

@@ -20,36 +20,28 @@ model side is new:
   ``Qwen2TokenizerFast`` with Qwen2.5-VL's special tokens after the BPE pieces
   (``<|endoftext|>`` first, as in Qwen), no BOS, eos ``<|im_end|>``, pad ``<|endoftext|>`` and
   Qwen2.5-VL-Instruct's real chat template.
-* ``build_processor(tokenizer)``: a ``Qwen2_5_VLProcessor`` around a (slow)
-  ``Qwen2VLImageProcessor`` with Qwen's patch size 14 and merge size 2 but a small pixel budget:
-  a 96x64 chart is resized to 84x56, a 6x4 grid of patches, i.e. 6 ``<|image_pad|>`` tokens.
-* ``build_model(processor)``: a randomly initialised ``Qwen2_5_VLForConditionalGeneration``
+* ``build_image_processor()``: a (slow) ``Qwen2VLImageProcessor`` with Qwen's patch size 14 and
+  merge size 2 but a small pixel budget: a 96x64 chart is resized to 84x56, a 6x4 grid of patches,
+  i.e. 6 ``<|image_pad|>`` tokens.
+* ``build_model(tokenizer)``: a randomly initialised ``Qwen2_5_VLForConditionalGeneration``
   (about 0.2 M parameters) with M-RoPE, a windowed and a full-attention vision block.
-* ``write_assets(output_dir)``: saves it so that ``AutoModelForImageTextToText`` and
-  ``AutoProcessor`` (see below) load it offline; ``load_processor(path)`` reloads the processor.
+* ``write_assets(output_dir)``: saves the model, and the processor's files (tokenizer, image processor
+  and chat template, naming ``Qwen2_5_VLProcessor`` as their processor class), as the real checkpoints
+  ship them, so that ``AutoModelForImageTextToText`` and ``AutoProcessor`` load them offline.
 
 Command line::
 
-    python tests/tiny_qwen2_5_vl.py --output_dir DIR
+    python tests/tiny_qwen2_5_vl.py --output_dir DIR [--seed 0]
 
-torchvision: transformers 4.55's ``Qwen2_5_VLProcessor`` requires a video processor, and its only
-one (``Qwen2VLVideoProcessor``) needs torchvision, so without torchvision neither the processor's
-constructor nor ``AutoProcessor.from_pretrained`` works, for this model as for the real ones.
-There, ``build_processor`` returns an ``ImageOnlyQwen2_5_VLProcessor`` (the real class minus
-videos) that saves the same files; ``load_processor`` picks the loader that works.
+No processor object is built here: transformers 4.55's ``Qwen2_5_VLProcessor`` requires a video
+processor, whose only implementation (``Qwen2VLVideoProcessor``) needs torchvision. The files are
+written part by part instead, exactly as the processor's ``save_pretrained`` would; the tests check
+that the training script loads them, with or without torchvision.
 """
 
-import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import run_lora_vlm  # noqa: E402
-import tiny_assets  # noqa: E402
-from transformers import Qwen2_5_VLProcessor  # noqa: E402
+import tiny_assets
 
 # Qwen2.5-VL-Instruct's chat template, exactly as Qwen/Qwen2.5-VL-*-Instruct ship it in
 # chat_template.json (the template the processor applies). It is data, not code: the fine-tuning
@@ -132,7 +124,7 @@ MROPE_SECTION = [4, 6, 6]
 
 def _training_corpus():
     """``tiny_assets``' sentences plus Qwen's chat markup words, so BPE learns useful merges."""
-    lines = list(tiny_assets._training_corpus())
+    lines = list(tiny_assets.training_corpus())
     lines += [
         "system\nYou are a helpful assistant.",
         "user\nWhat is shown?\n",
@@ -218,62 +210,14 @@ def build_image_processor():
     )
 
 
-def has_video_processor():
-    """Whether transformers can build Qwen2.5-VL's video processor here.
-
-    In transformers 4.55 the only one is ``Qwen2VLVideoProcessor``, which needs torchvision, and
-    ``Qwen2_5_VLProcessor`` requires one: without torchvision neither its constructor nor
-    ``AutoProcessor.from_pretrained`` works (``AutoVideoProcessor`` raises "This video processor
-    cannot be instantiated. Please make sure you have `torchvision` installed.").
-    """
-    from transformers.utils import is_torchvision_available
-
-    return is_torchvision_available()
-
-
-# Qwen2_5_VLProcessor minus its video processor, for machines without torchvision: the same class the
-# training script falls back to. It saves the same files as the real class (naming Qwen2_5_VLProcessor as
-# their processor_class), so where torchvision is installed AutoProcessor loads them as usual.
-ImageOnlyQwen2_5_VLProcessor = run_lora_vlm.image_only_qwen2_5_vl_processor_class()
-
-
-def build_processor(tokenizer):
-    """Return a ``Qwen2_5_VLProcessor`` (an ``ImageOnlyQwen2_5_VLProcessor`` without torchvision).
-
-    The processor replaces each ``<|image_pad|>`` of the text with
-    ``image_grid_thw[i].prod() // MERGE_SIZE**2`` copies before tokenising.
-    """
-    if not has_video_processor():
-        return ImageOnlyQwen2_5_VLProcessor(
-            image_processor=build_image_processor(), tokenizer=tokenizer, chat_template=QWEN2_5_VL_CHAT_TEMPLATE
-        )
-    from transformers import Qwen2VLVideoProcessor
-
-    video_processor = Qwen2VLVideoProcessor(
-        min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
-        patch_size=PATCH_SIZE,
-        temporal_patch_size=TEMPORAL_PATCH_SIZE,
-        merge_size=MERGE_SIZE,
-    )
-    return Qwen2_5_VLProcessor(
-        image_processor=build_image_processor(),
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
-    )
-
-
-def load_processor(path):
-    """Load a saved Qwen2.5-VL processor offline, with the slow image processor.
-
-    ``AutoProcessor`` where torchvision is installed, else ``ImageOnlyQwen2_5_VLProcessor``.
-    """
-    if has_video_processor():
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(path, use_fast=False)
-    return ImageOnlyQwen2_5_VLProcessor.from_pretrained(path, use_fast=False)
+def write_processor_files(tokenizer, image_processor, model_dir):
+    """Write what ``Qwen2_5_VLProcessor.save_pretrained`` writes: the tokenizer's files with the chat
+    template (chat_template.jinja) and preprocessor_config.json, both naming the processor class, as
+    ProcessorMixin.save_pretrained does (transformers 4.55, processing_utils.py:710-711)."""
+    for part in (tokenizer, image_processor):
+        part._set_processor_class("Qwen2_5_VLProcessor")
+        part.save_pretrained(model_dir)
+    return model_dir
 
 
 def _token_ids(tokenizer):
@@ -354,48 +298,37 @@ def build_config(tokenizer):
 def build_generation_config(tokenizer):
     """Return a ``GenerationConfig`` stopping on ``<|im_end|>`` or ``<|endoftext|>`` like Qwen's.
 
-    Greedy instead of the real sampling settings, so tests that generate are deterministic.
     """
-    from transformers import GenerationConfig
-
     ids = _token_ids(tokenizer)
-    return GenerationConfig(
-        bos_token_id=ids["endoftext"],
-        eos_token_id=[ids["im_end"], ids["endoftext"]],
-        pad_token_id=ids["endoftext"],
-        do_sample=False,
+    return tiny_assets.greedy_generation_config(
+        bos_token_id=ids["endoftext"], eos_token_id=[ids["im_end"], ids["endoftext"]], pad_token_id=ids["endoftext"]
     )
 
 
-def build_model(processor, seed=0):
+def build_model(tokenizer, seed=0):
     """Return a tiny randomly initialised ``Qwen2_5_VLForConditionalGeneration`` (float32, eval)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    tokenizer = processor.tokenizer
-    return tiny_assets.random_model(Qwen2_5_VLForConditionalGeneration, build_config(tokenizer), build_generation_config(tokenizer), seed)
+    return tiny_assets.random_model(
+        Qwen2_5_VLForConditionalGeneration, build_config(tokenizer), build_generation_config(tokenizer), seed
+    )
 
 
 def write_assets(output_dir, seed=0):
-    """Write ``output_dir/qwen2_5_vl`` (model + processor); returns {"model": path}.
+    """Write ``output_dir/qwen2_5_vl`` (model + processor files); returns {"model": path}.
 
     The training data is ``tiny_assets``' ChartQA-like dataset (``tiny_assets.write_assets`` or
     ``build_chartqa``); nothing here is specific to Gemma in it.
     """
     model_dir = os.path.join(output_dir, "qwen2_5_vl")
-    os.makedirs(output_dir, exist_ok=True)
-
-    processor = build_processor(build_tokenizer())
-    return {"model": tiny_assets.save_model_and_processor(build_model(processor, seed=seed), processor, model_dir)}
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, seed=seed).save_pretrained(model_dir, safe_serialization=True)
+    return {"model": write_processor_files(tokenizer, build_image_processor(), model_dir)}
 
 
 def main(argv=None):
     """Command line entry point: write the assets and print the model folder."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    paths = write_assets(args.output_dir, seed=args.seed)
-    print(paths["model"])
+    tiny_assets.run_builder_cli(__doc__, write_assets, argv)
 
 
 if __name__ == "__main__":
