@@ -181,3 +181,39 @@ def prepare(assets, *flags, dataset=None):
 def test_a_bad_question_template_is_refused_at_start_up(template, message):
     with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}")):
         rlv.DataArguments(dataset_name="d", question_template=template)
+
+
+def test_rerunning_a_finished_command_changes_nothing(assets, tmp_path, capsys):
+    argv = train_argv(assets, tmp_path, "--do_train", "--do_eval", "--max_train_samples", "16", "--max_eval_samples", "4",
+                      "--save_strategy", "steps", "--save_steps", "100")
+    assert rlv.cli(argv) == 0
+    assert (tmp_path / "checkpoint-2").is_dir()  # the final step's checkpoint: 16 rows, batch 8
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert {"train_results.json", "all_results.json", "eval_results.json", "adapter_model.safetensors"} <= set(before)
+    capsys.readouterr()
+    assert rlv.cli(argv) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    # The same folder with a longer schedule is not finished: it resumes and trains the extra steps.
+    assert run_training(argv + ["--max_steps", "3"]).state.global_step == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_rnak", "4"], "Unknown flag: --lora_rnak (did you mean --lora_rank?). See --help."),
+    (["--lora_rank", "four"], "argument --lora_rank/--lora-rank: invalid int value: 'four'. See --help."),
+    (["--padding_strategy", "shortest"], "argument --padding_strategy/--padding-strategy: invalid choice: 'shortest'"),
+])
+def test_flag_mistakes_print_one_line_and_exit_2(assets, tmp_path, capsys, flags, message):
+    assert rlv.cli(train_argv(assets, tmp_path, "--do_train", *flags)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_wrong_model_path_is_one_line_before_the_dataset_is_read(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(rlv, "load_data", lambda *args: pytest.fail("the dataset was read before the model was checked"))
+    missing = tmp_path / "no-such-model"
+    argv = ["--model_name_or_path", str(missing), "--dataset_name", str(tmp_path / "no-such-data"),
+            "--output_dir", str(tmp_path / "out"), "--do_train"]
+    assert rlv.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model_name_or_path {missing}: cannot load its config") and err.count("\n") == 1

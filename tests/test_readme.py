@@ -1,0 +1,61 @@
+# Licensed under the Apache License, Version 2.0 (the "License").
+"""The README's CPU example and its "Use the result" snippet, run as written (only `python` and the paths of the
+repository's own files are made absolute, since the tests run in a temporary folder)."""
+
+import contextlib
+import io
+import re
+import runpy
+import subprocess
+import sys
+
+import datasets
+
+import run_lora_vlm as rlv
+from conftest import REPO_ROOT
+
+README = (REPO_ROOT / "README.md").read_text()
+
+
+def readme_section(title: str) -> str:
+    return README.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_set_up_and_test_commands_are_the_ones_ci_runs():
+    assert "python -m pytest -q tests" in readme_section("Run the tests")
+    assert "pip install -r requirements.txt -r tests/requirements.txt" in readme_section("Set-up")
+    assert "test_command='python -m pytest -q tests'" in (REPO_ROOT / ".ci" / "run").read_text()
+
+
+def test_the_cpu_example_runs_as_written_and_prints_no_warning(tmp_path):
+    command = next(line for line in readme_section("Try it on a CPU in about a minute, offline").splitlines()
+                   if line.startswith("python tests/tiny_assets.py"))
+    for script in ("tests/tiny_assets.py", "run_lora_vlm.py"):
+        command = command.replace(f"python {script}", f"{sys.executable} {REPO_ROOT / script}")
+    result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert not re.search(r"warn", output, re.IGNORECASE), [line for line in output.splitlines() if "warn" in line.lower()]
+    assert (tmp_path / "out" / "tiny" / "adapter_model.safetensors").is_file()
+
+
+def test_the_use_the_result_snippet_answers_with_the_trained_answer_and_one_bos(assets, tmp_path, monkeypatch):
+    snippet = re.search(r"```python\n(.*?)```", readme_section("Use the result"), re.DOTALL).group(1)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "gemma3").symlink_to(assets["model"])
+    (tmp_path / "tiny" / "chartqa").symlink_to(assets["dataset"])
+    # An adapter that has learnt the snippet's row (train row 0) by heart: its answer is then the trained one.
+    assert rlv.cli([
+        "--model_name_or_path", assets["model"], "--dataset_name", assets["dataset"], "--output_dir", str(tmp_path / "out" / "tiny"),
+        "--do_train", "--max_train_samples", "1", "--per_device_train_batch_size", "1", "--max_steps", "12",
+        "--learning_rate", "3e-2", "--report_to", "none", "--save_strategy", "no",
+    ]) == 0
+    (tmp_path / "snippet.py").write_text(snippet)
+    monkeypatch.chdir(tmp_path)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        namespace = runpy.run_path(str(tmp_path / "snippet.py"))
+    gold = datasets.load_from_disk(assets["dataset"])["train"][0]["label"][0]
+    assert printed.getvalue().strip() == gold
+    bos = namespace["processor"].tokenizer.bos_token_id
+    assert (namespace["inputs"]["input_ids"][0] == bos).sum() == 1
