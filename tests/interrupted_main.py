@@ -2,12 +2,16 @@
 """Runs run_lora_vlm.main() and sends this very process a signal right after a given training step.
 
 For the reliability tests: `python tests/interrupted_main.py --at_step 3 --signal KILL <run_lora_vlm flags>`
-dies as a preempted or crashed job would, at a known point.
+dies as a preempted or crashed job would, at a known point. With `--slow_rank R`, rank R takes 3 s longer to
+finish training (as a slow file system or a callback flushing its writes would); each rank then writes the time
+it finished training to `<output_dir>/rank<N>-finished` and the time it exits to `<output_dir>/rank<N>-exit`.
 """
 
+import atexit
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import transformers
@@ -42,8 +46,21 @@ def main() -> None:
     argv = sys.argv[1:]
     step = int(argv[argv.index("--at_step") + 1])
     signum = getattr(signal, "SIG" + argv[argv.index("--signal") + 1])
-    for flag in ("--at_step", "--signal"):
-        del argv[argv.index(flag): argv.index(flag) + 2]
+    slow_rank = argv[argv.index("--slow_rank") + 1] if "--slow_rank" in argv else None
+    for flag in ("--at_step", "--signal", "--slow_rank"):
+        if flag in argv:
+            del argv[argv.index(flag): argv.index(flag) + 2]
+    if slow_rank is not None:
+        rank, train = os.environ.get("OMPI_COMM_WORLD_RANK", "0"), transformers.Trainer.train
+
+        def timed_train(self, *args, **kwargs):
+            result = train(self, *args, **kwargs)
+            time.sleep(3 if rank == slow_rank else 0)
+            Path(self.args.output_dir, f"rank{rank}-finished").write_text(repr(time.time()))
+            atexit.register(lambda: Path(self.args.output_dir, f"rank{rank}-exit").write_text(repr(time.time())))
+            return result
+
+        transformers.Trainer.train = timed_train
     run_lora_vlm.build_trainer = with_signal_at_step(run_lora_vlm.build_trainer, step, signum)
     sys.exit(run_lora_vlm.cli(argv))
 

@@ -109,6 +109,8 @@ def test_gaudi_flag_fails_before_any_model_loading_from_the_command_line(tmp_pat
     assert exited.value.code == 2
     stderr = capsys.readouterr().err
     assert "--use_habana need Intel Gaudi" in stderr
+    # optimum-habana is installed here (requirements.txt); only Habana's bridge is missing, and the message says so.
+    assert "but Habana's PyTorch bridge (habana_frameworks, from Habana's PyTorch container) is not installed" in stderr
     assert "unrecognized arguments" not in stderr and "Traceback" not in stderr
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from conftest import SEED_EIGHT_CARDS, SEED_MODEL_FLAGS, SEED_SINGLE_CARD
 
@@ -35,11 +36,15 @@ def fake_hub_cache(root: Path) -> Path:
     return root
 
 
-# Each case: (kind, argv, PT_HPU_LAZY_MODE or None for unset). The training case runs first, in a fresh
-# process state, as a real run would; the others only parse.
+# Each case: (kind, argv, PT_HPU_LAZY_MODE or None for unset). The training case runs before any other case
+# that builds GaudiTrainingArguments, in a fresh process state, as a real run would; the others only parse.
 SHORT_RUN_FLAGS = [f for f in SEED_SINGLE_CARD if f not in ("--gradient_checkpointing", "./output_gemma3")]
 WITHOUT_LAZY_FLAG = [f for f in SEED_SINGLE_CARD if f != "--use_lazy_mode"]
 CASES = {
+    # The modes that do not train, without --use_habana, where Habana's stack is installed. They run first: they
+    # must not need optimum-habana's patches of transformers, which the training case installs for the process.
+    "one question": ("cli", ["--predict_image", "IMAGE", "--predict_question", "Which bar is the tallest?"], None),
+    "merge": ("cli", ["--merge_adapter", "--output_dir", "MERGED"], None),
     "short cpu run": ("train", None, "1"),
     "seed single card": ("parse", SEED_MODEL_FLAGS + SEED_SINGLE_CARD, "1"),
     "seed eight cards": ("parse", SEED_MODEL_FLAGS + SEED_EIGHT_CARDS, "1"),
@@ -48,6 +53,9 @@ CASES = {
     "lazy flag, eager environment": ("parse", SEED_MODEL_FLAGS + WITHOUT_LAZY_FLAG + ["--use_lazy_mode"], "0"),
     "lazy flag, environment unset": ("parse", SEED_MODEL_FLAGS + WITHOUT_LAZY_FLAG + ["--use_lazy_mode"], None),
     "eager environment, no flag": ("parse", SEED_MODEL_FLAGS + WITHOUT_LAZY_FLAG, "0"),
+    "vision tower": ("parse", SEED_MODEL_FLAGS + SEED_SINGLE_CARD + ["--train_vision_tower"], "1"),
+    "vision tower, flag given": ("parse", SEED_MODEL_FLAGS + SEED_SINGLE_CARD + [
+        "--train_vision_tower", "--ddp_find_unused_parameters", "False"], "1"),
 }
 
 
@@ -62,8 +70,16 @@ def results(assets, tmp_path_factory):
         # Two accumulated micro-batches of unequal length (longest padding), 3 optimizer steps.
         "--use_cpu", "--max_steps", "3", "--gradient_accumulation_steps", "2", "--padding_strategy", "longest",
         "--max_eval_samples", "4", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
+        # A pinned model commit must not be looked up in the Gaudi config's repository (Habana/gpt2).
+        "--model_revision", "0123456789abcdef0123456789abcdef01234567",
     ]
-    cases = [{"name": name, "kind": kind, "argv": argv or train_argv, "lazy_env": lazy_env}
+    image = tmp_path / "chart.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
+    adapter = ["--model_name_or_path", assets["model"], "--adapter_path", str(untrained_adapter(assets, tmp_path / "adapter"))]
+    placeholders = {"IMAGE": str(image), "MERGED": str(tmp_path / "merged")}
+    cases = [{"name": name, "kind": kind, "lazy_env": lazy_env,
+              "argv": train_argv if argv is None else
+              (adapter if kind == "cli" else []) + [placeholders.get(arg, arg) for arg in argv]}
              for name, (kind, argv, lazy_env) in CASES.items()]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
 
@@ -79,6 +95,15 @@ def results(assets, tmp_path_factory):
                             cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and out.exists(), result.stdout[-3000:] + result.stderr[-5000:]
     return json.loads(out.read_text())
+
+
+def untrained_adapter(assets, folder: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(assets["model"])
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
+    return folder
 
 
 def case(results, name):
@@ -132,6 +157,18 @@ def test_eager_environment_without_the_flag_runs_eager(results):
     assert parsed["hpu_model_inputs"]["lazy_mode"] is False
 
 
+def test_vision_tower_training_lets_ddp_find_unused_parameters_unless_the_flag_says_otherwise(results):
+    # GaudiTrainingArguments defaults the setting to False, not None: the script must still switch it on.
+    assert case(results, "vision tower")["ddp_find_unused_parameters"] is True
+    assert case(results, "vision tower, flag given")["ddp_find_unused_parameters"] is False
+
+
+def test_one_question_and_merging_need_no_use_habana_where_the_stack_is_installed(results, tmp_path_factory):
+    asked, merged = case(results, "one question"), case(results, "merge")
+    assert asked["exit_code"] == 0 and asked["stdout"].count("\n") == 1, asked
+    assert merged["exit_code"] == 0 and "model.safetensors" in merged["merged_files"], merged
+
+
 def test_short_cpu_run_trains_through_gaudi_trainer_and_saves_the_adapter(results):
     run = case(results, "short cpu run")
     assert "GaudiTrainer" in run["trainer_classes"]
@@ -170,7 +207,22 @@ def _parse_case(argv):
         "padding_strategy": args.data.padding_strategy,
         "attn_implementation": training_args.attn_implementation,
         "hpu_model_inputs": run_lora_vlm.hpu_model_inputs(training_args, run_lora_vlm.MODEL_FAMILIES["gemma3"]),
+        "ddp_find_unused_parameters": training_args.ddp_find_unused_parameters,
     }
+
+
+def _cli_case(argv):
+    import contextlib
+    import io
+
+    import run_lora_vlm
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        exit_code = run_lora_vlm.cli(argv)
+    merged = Path(argv[argv.index("--output_dir") + 1], "merged") if "--output_dir" in argv else None
+    return {"exit_code": exit_code, "stdout": stdout.getvalue(),
+            "merged_files": sorted(p.name for p in merged.iterdir()) if merged and merged.is_dir() else []}
 
 
 def _train_case(argv):
@@ -227,7 +279,7 @@ if __name__ == "__main__":
         if spec["lazy_env"] is not None:
             os.environ["PT_HPU_LAZY_MODE"] = spec["lazy_env"]
         try:
-            recorded[spec["name"]] = {"parse": _parse_case, "train": _train_case}[spec["kind"]](spec["argv"])
+            recorded[spec["name"]] = {"parse": _parse_case, "train": _train_case, "cli": _cli_case}[spec["kind"]](spec["argv"])
         except Exception:  # recorded for that case's test; the other cases still run
             recorded[spec["name"]] = {"traceback": traceback.format_exc()}
     Path(out_path).write_text(json.dumps(recorded))

@@ -82,3 +82,19 @@ def test_llava_next_trains_on_two_ranks_with_its_vision_tower_adapted(assets, fa
     assert ranks[0]["lora"] == ranks[1]["lora"]
     assert any("vision_tower" in key for key in ranks[0]["lora"])
     assert len(ranks[0]["losses"]) == 2
+
+
+def test_a_preempted_job_ends_only_once_rank_0_has_written_the_checkpoint(assets, tmp_path):
+    """SIGTERM reaches both ranks at step 2 and rank 0 is slow to finish: no rank may exit (which can end an MPI
+    job) before every rank has finished training, checkpoint included."""
+    output_dir = tmp_path / "out"
+    command = launch_command(2, TESTS_DIR / "interrupted_main.py", "--at_step", "2", "--signal", "TERM",
+                             "--slow_rank", "0", *train_argv(assets, output_dir, "--do_train", "--max_train_samples",
+                                                                  "16", "--per_device_train_batch_size", "2"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 143, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((output_dir / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+    times = {name: float((output_dir / name).read_text()) for name in ("rank0-finished", "rank1-finished", "rank1-exit")}
+    assert times["rank1-finished"] < times["rank0-finished"] - 2  # rank 0 really was the slow one
+    assert times["rank1-exit"] >= times["rank0-finished"], times
