@@ -219,3 +219,24 @@ def test_a_wrong_model_path_is_one_line_before_the_dataset_is_read(tmp_path, cap
     assert rlv.cli(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --model_name_or_path {missing}: cannot load its config") and err.count("\n") == 1
+
+
+def test_the_processor_loads_without_the_slow_processor_notice_and_with_the_checkpoints_pixels(assets, capfd):
+    from transformers import AutoImageProcessor
+    from PIL import Image
+
+    transformers.logging.set_verbosity_warning()
+    transformers.utils.logging.warning_once.cache_clear()  # the notice is shown once per process; earlier loads showed it
+    AutoProcessor.from_pretrained(assets["model"])
+    assert "slow image processor" in capfd.readouterr().err  # what a plain load prints
+    transformers.utils.logging.warning_once.cache_clear()
+    _, _, processor = rlv.load_processor(rlv.ModelArguments(model_name_or_path=assets["model"]))
+    assert "slow" not in capfd.readouterr().err.lower()
+    # The same pixels as the image processor the checkpoint was saved with, asked for explicitly.
+    saved = AutoImageProcessor.from_pretrained(assets["model"], use_fast=False)
+    image = Image.new("RGB", (37, 23), (10, 200, 30))
+    assert type(processor.image_processor) is type(saved)
+    assert torch.equal(torch.as_tensor(processor.image_processor(image)["pixel_values"]),
+                       torch.as_tensor(saved(image)["pixel_values"]))
+    # The tokenizer stays the fast one, whose offsets the collator needs.
+    assert processor.tokenizer.is_fast

@@ -44,6 +44,7 @@ def test_train_eval_predict_with_generation_writes_predictions_and_metrics(asset
     run_training(train_argv(
         assets, tmp_path, "--do_train", "--do_eval", "--do_predict", "--generation_eval", "--eval_before_training",
         "--max_steps", "2", "--max_eval_samples", "5", "--generation_max_new_tokens", "4",
+        "--report_to", "tensorboard", "--logging_dir", str(tmp_path / "runs"),
     ))
     data = datasets.load_from_disk(assets["dataset"])
     records = read_jsonl(tmp_path / "predictions.jsonl")
@@ -78,6 +79,31 @@ def test_train_eval_predict_with_generation_writes_predictions_and_metrics(asset
     prediction = json.loads((tmp_path / "predict_results.json").read_text())
     assert {"predict_loss", "predict_perplexity", "predict_anls"} <= set(prediction)
     assert prediction["predict_relaxed_accuracy"] == pytest.approx(3 / 5)
+    # TensorBoard: the same rows' table before and after training, beside the curves.
+    tables = tensorboard_texts(tmp_path / "runs")
+    assert {tag for tag in tables if tag.endswith("/predictions")} == {"eval_before/predictions", "eval/predictions", "predict/predictions"}
+    for evaluation in ("eval_before", "eval"):
+        lines = tables[f"{evaluation}/predictions"].splitlines()
+        assert lines[0] == "| row | question | gold answers | prediction | relaxed accuracy | ANLS |"
+        for line, record in zip(lines[2:], by_evaluation[evaluation], strict=True):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            assert cells[0] == str(record["row_index"]) and cells[1] == record["question"]
+            assert cells[3] == record["prediction"] and float(cells[4]) == record["relaxed_accuracy"]
+
+
+def tensorboard_texts(log_dir) -> dict:
+    """{tag: text} of every text summary written under `log_dir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    texts = {}
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"tensors": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["tensors"]:
+            if tag.endswith("/text_summary"):
+                value = accumulator.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+                texts[tag.removesuffix("/text_summary")] = value
+    return texts
 
 
 def test_two_mpi_ranks_gather_the_same_generation_metrics_as_one_process(assets, tmp_path):
