@@ -221,17 +221,31 @@ def test_a_wrong_model_path_is_one_line_before_the_dataset_is_read(tmp_path, cap
     assert err.startswith(f"error: --model_name_or_path {missing}: cannot load its config") and err.count("\n") == 1
 
 
-def test_the_processor_loads_without_the_slow_processor_notice_and_with_the_checkpoints_pixels(assets, capfd):
-    from transformers import AutoImageProcessor
-    from PIL import Image
+def test_the_processor_loads_without_the_slow_processor_notice_and_with_the_checkpoints_pixels(assets):
+    import logging
 
-    transformers.logging.set_verbosity_warning()
-    transformers.utils.logging.warning_once.cache_clear()  # the notice is shown once per process; earlier loads showed it
-    AutoProcessor.from_pretrained(assets["model"])
-    assert "slow image processor" in capfd.readouterr().err  # what a plain load prints
-    transformers.utils.logging.warning_once.cache_clear()
-    _, _, processor = rlv.load_processor(rlv.ModelArguments(model_name_or_path=assets["model"]))
-    assert "slow" not in capfd.readouterr().err.lower()
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    class Recorder(logging.Handler):
+        messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    recorder = Recorder(level=logging.WARNING)
+    library_logger = logging.getLogger("transformers")  # transformers' loggers do not propagate to the root
+    library_logger.addHandler(recorder)
+    try:
+        transformers.utils.logging.warning_once.cache_clear()  # shown once per process; earlier loads showed it
+        AutoProcessor.from_pretrained(assets["model"])
+        assert any("slow image processor" in m for m in recorder.messages)  # what a plain load says
+        recorder.messages.clear()
+        transformers.utils.logging.warning_once.cache_clear()
+        _, _, processor = rlv.load_processor(rlv.ModelArguments(model_name_or_path=assets["model"]))
+        assert recorder.messages == []
+    finally:
+        library_logger.removeHandler(recorder)
     # The same pixels as the image processor the checkpoint was saved with, asked for explicitly.
     saved = AutoImageProcessor.from_pretrained(assets["model"], use_fast=False)
     image = Image.new("RGB", (37, 23), (10, 200, 30))
