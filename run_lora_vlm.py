@@ -67,19 +67,11 @@ from datasets.data_files import DataFilesDict
 from datasets.fingerprint import Hasher
 from PIL import ExifTags, Image, ImageOps
 from tqdm.auto import tqdm
-from transformers import (
-    AutoConfig,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    HfArgumentParser,
-    Trainer,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, set_seed
+from transformers import Trainer, TrainingArguments
 from transformers.image_transforms import convert_to_rgb
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils.versions import require_version
-
 
 require_version("transformers>=4.50", "Gemma 3 and `compute_loss_func` need transformers>=4.50.")
 require_version("datasets>=3.0", "To fix: pip install -r requirements.txt")
@@ -108,143 +100,75 @@ class InvalidRowError(ValueError):
 # ---------------------------------------------------------------------------------------------------
 
 
+def arg(default: Any = dataclasses.MISSING, help: str = "", choices: Optional[list] = None):
+    """A dataclass field carrying its --help text (and choices) for HfArgumentParser."""
+    return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
+
+
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(
-        metadata={"help": "Hub id or local folder of a vision-language model, e.g. google/gemma-3-12b-it."}
-    )
-    torch_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "Dtype the weights are loaded in. 'auto' follows --bf16/--fp16 and else float32.",
-            "choices": ["auto", "bfloat16", "float16", "float32"],
-        },
-    )
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where downloaded models and data are cached."})
-    model_revision: str = field(default="main", metadata={"help": "Model branch, tag or commit to load."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the Hub."})
+    model_name_or_path: str = arg(help="Hub id or local folder of a vision-language model, e.g. google/gemma-3-12b-it.")
+    torch_dtype: str = arg("auto", "Dtype the weights are loaded in. 'auto' follows --bf16/--fp16 and else float32.",
+                           ["auto", "bfloat16", "float16", "float32"])
+    cache_dir: Optional[str] = arg(None, "Where downloaded models and data are cached.")
+    model_revision: str = arg("main", "Model branch, tag or commit to load.")
+    trust_remote_code: bool = arg(False, "Allow custom modelling code from the Hub.")
 
 
 @dataclass
 class DataArguments:
-    dataset_name: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "Hub dataset id, or a local path: a save_to_disk folder, a JSON/JSONL/CSV/Parquet file, a "
-            "folder of such files, or an image folder with metadata."
-        }
-    )
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    train_split: str = field(default="train", metadata={"help": "Split used for training."})
-    eval_split: Optional[str] = field(
-        default=None,
-        metadata={"help": "Split used for evaluation (default: the first of validation, val, valid, dev)."},
-    )
-    test_split: str = field(default="test", metadata={"help": "Split used by --do_predict."})
-    validation_split_percentage: float = field(
-        default=10.0,
-        metadata={"help": "With --do_eval and no evaluation split, this share of train (seeded) becomes one."},
-    )
-    image_column: Optional[str] = field(default=None, metadata={"help": "Column holding the image(s)."})
-    question_column: Optional[str] = field(default=None, metadata={"help": "Column holding the question."})
-    answer_column: Optional[str] = field(
-        default=None, metadata={"help": "Column holding the answer (a string or a list of strings)."}
-    )
-    messages_column: Optional[str] = field(
-        default=None,
-        metadata={"help": "Column holding a chat (role/content messages or LLaVA from/value conversations)."},
-    )
-    system_prompt: Optional[str] = field(
-        default=None, metadata={"help": "System message added to every row that has none of its own."}
-    )
-    question_template: str = field(
-        default="{question}", metadata={"help": "How the question is written in the user turn; needs a {question} slot."}
-    )
-    caption_instruction: str = field(
-        default="Describe this image.",
-        metadata={"help": "User instruction for caption-only datasets (image + caption/text)."},
-    )
-    max_train_samples: Optional[int] = field(
-        default=None, metadata={"help": "Use at most this many training rows (cut before any per-row work)."}
-    )
-    max_eval_samples: Optional[int] = field(
-        default=None, metadata={"help": "Use at most this many evaluation rows (cut before any per-row work)."}
-    )
-    sample_selection: str = field(
-        default="first",
-        metadata={
-            "help": "How --max_*_samples picks rows: the first N, or N at random (seeded by --seed).",
-            "choices": ["first", "random"],
-        },
-    )
-    max_seq_length: int = field(
-        default=1024,
-        metadata={
-            "help": "Longest sequence in tokens (image tokens included). Longer rows have their last answer cut "
-            "at the tail when that keeps part of it, else they are invalid ('too_long')."
-        },
-    )
-    padding_strategy: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "Batch length: 'longest' row of the batch, always 'max_length' (--max_seq_length), or the "
-            "smallest of --length_buckets that fits ('bucket'). Default: 'bucket' in Gaudi lazy mode, where "
-            "every new shape compiles a new graph, else 'longest'.",
-            "choices": ["longest", "max_length", "bucket"],
-        },
-    )
-    length_buckets: Optional[list[int]] = field(
-        default=None,
-        metadata={
-            "help": "Lengths for --padding_strategy bucket; the largest must be --max_seq_length. Default: up to 4 "
-            "lengths chosen from the rows' token lengths to pad least (1/4, 1/2, 3/4 and all of --max_seq_length "
-            "where no lengths are measured)."
-        },
-    )
-    # Whether --length_buckets was given; if not, the buckets are chosen from the data (settle_length_buckets).
-    length_buckets_given: bool = field(default=False, init=False, repr=False)
-    fixed_image_size: Optional[list[int]] = field(
-        default=None,
-        metadata={
-            "help": "HEIGHT WIDTH: resize every image to this size first, so families with dynamic resolution "
-            "(Qwen2.5-VL, LLaVA-NeXT) give every image the same number of tokens (static shapes on Gaudi)."
-        },
-    )
-    image_min_pixels: Optional[int] = field(
-        default=None, metadata={"help": "Qwen2.5-VL: smallest image area (pixels) after its own resizing."}
-    )
-    image_max_pixels: Optional[int] = field(
-        default=None, metadata={"help": "Qwen2.5-VL: largest image area (pixels) after its own resizing."}
-    )
-    invalid_rows: str = field(
-        default="error",
-        metadata={
-            "help": "What a bad row does: 'error' stops at the first one naming it; 'skip' drops it, counts it "
-            "and lists it in skipped_rows.json.",
-            "choices": ["error", "skip"],
-        },
-    )
-    validate_rows: str = field(
-        default="full",
-        metadata={
-            "help": "'full': before the model loads, check every selected row (schema, text, chat template, image "
-            "headers, token length) and report all bad rows at once (cached, so a rerun is instant); 'none': find "
-            "bad rows only when a batch reaches them.",
-            "choices": ["full", "none"],
-        },
-    )
+    dataset_name: Optional[str] = arg(None, "Hub dataset id, or a local path: a save_to_disk folder, a JSON/JSONL/CSV/"
+                                      "Parquet file, a folder of such files, or an image folder with metadata.")
+    dataset_config_name: Optional[str] = arg(None, "Hub dataset configuration name.")
+    train_split: str = arg("train", "Split used for training.")
+    eval_split: Optional[str] = arg(None, "Evaluation split (default: the first of validation, val, valid, dev).")
+    test_split: str = arg("test", "Split used by --do_predict.")
+    validation_split_percentage: float = arg(10.0, "With --do_eval and no evaluation split, this share of train "
+                                             "(seeded) becomes one.")
+    image_column: Optional[str] = arg(None, "Column holding the image(s).")
+    question_column: Optional[str] = arg(None, "Column holding the question.")
+    answer_column: Optional[str] = arg(None, "Column holding the answer (a string or a list of strings).")
+    messages_column: Optional[str] = arg(None, "Column holding a chat (role/content messages or LLaVA from/value "
+                                         "conversations).")
+    system_prompt: Optional[str] = arg(None, "System message added to every row that has none of its own.")
+    question_template: str = arg("{question}", "How the question is written in the user turn; needs a {question} slot.")
+    caption_instruction: str = arg("Describe this image.", "User instruction for caption-only datasets (image + "
+                                   "caption/text).")
+    max_train_samples: Optional[int] = arg(None, "Use at most this many training rows (cut before any per-row work).")
+    max_eval_samples: Optional[int] = arg(None, "Use at most this many evaluation rows (cut before any per-row work).")
+    sample_selection: str = arg("first", "How --max_*_samples picks rows: the first N, or N at random (seeded by "
+                                "--seed).", ["first", "random"])
+    max_seq_length: int = arg(1024, "Longest sequence in tokens (image tokens included). Longer rows have their last "
+                              "answer cut at the tail when that keeps part of it, else they are invalid ('too_long').")
+    padding_strategy: Optional[str] = arg(
+        None, "Batch length: 'longest' row of the batch, always 'max_length' (--max_seq_length), or the smallest of "
+        "--length_buckets that fits ('bucket'). Default: 'bucket' in Gaudi lazy mode, where every new shape compiles "
+        "a new graph, else 'longest'.", ["longest", "max_length", "bucket"])
+    # None until settle_length_buckets chooses them from the data (settle_defaults checks given ones).
+    length_buckets: Optional[list[int]] = arg(
+        None, "Lengths for --padding_strategy bucket; the largest must be --max_seq_length. Default: up to 4 lengths "
+        "chosen from the rows' token lengths to pad least (1/4, 1/2, 3/4 and all of --max_seq_length where no lengths "
+        "are measured).")
+    fixed_image_size: Optional[list[int]] = arg(
+        None, "HEIGHT WIDTH: resize every image to this size first, so families with dynamic resolution (Qwen2.5-VL, "
+        "LLaVA-NeXT) give every image the same number of tokens (static shapes on Gaudi).")
+    image_min_pixels: Optional[int] = arg(None, "Qwen2.5-VL: smallest image area (pixels) after its own resizing.")
+    image_max_pixels: Optional[int] = arg(None, "Qwen2.5-VL: largest image area (pixels) after its own resizing.")
+    invalid_rows: str = arg("error", "What a bad row does: 'error' stops at the first one naming it; 'skip' drops it, "
+                            "counts it and lists it in skipped_rows.json.", ["error", "skip"])
+    validate_rows: str = arg(
+        "full", "'full': before the model loads, check every selected row (schema, text, chat template, image "
+        "headers, token length) and report all bad rows at once (cached, so a rerun is instant); 'none': find bad "
+        "rows only when a batch reaches them.", ["full", "none"])
 
     def __post_init__(self):
-        self.length_buckets_given = self.length_buckets is not None
         if "{question}" not in self.question_template:
             raise UsageError(f"--question_template must contain a {{question}} slot, got {self.question_template!r}.")
         try:
             self.question_template.format(question="")
         except (KeyError, IndexError, ValueError) as e:
-            raise UsageError(
-                f"--question_template {self.question_template!r} has a slot other than {{question}} ({e!r}); "
-                "write literal braces as {{ and }}."
-            ) from e
+            raise UsageError(f"--question_template {self.question_template!r} has a slot other than {{question}} "
+                             f"({e!r}); write literal braces as {{{{ and }}}}.") from e
         if not 0 < self.validation_split_percentage < 100:
             raise UsageError("--validation_split_percentage must be between 0 and 100 (exclusive).")
         for flag in ("max_train_samples", "max_eval_samples", "max_seq_length"):
@@ -252,27 +176,19 @@ class DataArguments:
             if value is not None and value <= 0:
                 raise UsageError(f"--{flag} must be a positive integer, got {value}.")
         if self.fixed_image_size is not None and (len(self.fixed_image_size) != 2 or min(self.fixed_image_size) <= 0):
-            raise UsageError(f"--fixed_image_size takes HEIGHT WIDTH (two positive numbers), got {self.fixed_image_size}.")
+            size = self.fixed_image_size
+            raise UsageError(f"--fixed_image_size takes HEIGHT WIDTH (two positive numbers), got {size}.")
 
 
 @dataclass
 class EvaluationArguments:
-    generation_eval: bool = field(
-        default=False,
-        metadata={
-            "help": "With --do_eval / --do_predict, also answer each evaluated row by greedy generation and score "
-            "it: relaxed accuracy (ChartQA), exact match and ANLS. Answers go to predictions.jsonl."
-        },
-    )
-    generation_max_new_tokens: int = field(default=32, metadata={"help": "Longest generated answer, in tokens."})
-    eval_before_training: bool = field(
-        default=False,
-        metadata={"help": "Evaluate the untouched model before training too, and log both side by side."},
-    )
-    metrics_group_column: str = field(
-        default="human_or_machine",
-        metadata={"help": "When the dataset has this column, generation metrics are also reported per value."},
-    )
+    generation_eval: bool = arg(
+        False, "With --do_eval / --do_predict, also answer each evaluated row by greedy generation and score it: "
+        "relaxed accuracy (ChartQA), exact match and ANLS. Answers go to predictions.jsonl.")
+    generation_max_new_tokens: int = arg(32, "Longest generated answer, in tokens.")
+    eval_before_training: bool = arg(False, "Also evaluate the untouched model before training; log both side by side.")
+    metrics_group_column: str = arg("human_or_machine", "When the dataset has this column, generation metrics are "
+                                    "also reported per value.")
 
     def __post_init__(self):
         if self.generation_max_new_tokens <= 0:
@@ -281,37 +197,18 @@ class EvaluationArguments:
 
 @dataclass
 class RunArguments:
-    non_finite_loss: str = field(
-        default="error",
-        metadata={
-            "help": "A NaN/inf training loss: 'error' stops naming the step and rows; 'skip' drops that batch.",
-            "choices": ["error", "skip"],
-        },
-    )
-    dry_run_data: Optional[int] = field(
-        default=None,
-        metadata={
-            "help": "Build this many training batches, check them (trained tokens, one <bos>, image tokens), "
-            "log one decoded example, and exit without loading the model."
-        },
-    )
-    min_free_disk_gb: float = field(
-        default=1.0, metadata={"help": "Refuse to start with less free space than this in --output_dir."}
-    )
-    merge_adapter: bool = field(
-        default=False,
-        metadata={
-            "help": "Write a merged model (base + LoRA, safetensors), the processor and a generation config to "
-            "<output_dir>/merged: after training, or on its own from --adapter_path without --do_train."
-        },
-    )
-    adapter_path: Optional[str] = field(
-        default=None, metadata={"help": "A saved LoRA adapter, for --merge_adapter or --predict_image without training."}
-    )
-    predict_image: Optional[str] = field(
-        default=None, metadata={"help": "Answer --predict_question about this image file and exit (no dataset)."}
-    )
-    predict_question: Optional[str] = field(default=None, metadata={"help": "The question for --predict_image."})
+    non_finite_loss: str = arg("error", "A NaN/inf training loss: 'error' stops naming the step and rows; 'skip' "
+                               "drops that batch.", ["error", "skip"])
+    dry_run_data: Optional[int] = arg(None, "Build this many training batches, check them (trained tokens, one <bos>, "
+                                      "image tokens), log one decoded example, and exit without loading the model.")
+    min_free_disk_gb: float = arg(1.0, "Refuse to start with less free space than this in --output_dir.")
+    merge_adapter: bool = arg(
+        False, "Write a merged model (base + LoRA, safetensors), the processor and a generation config to "
+        "<output_dir>/merged: after training, or on its own from --adapter_path without --do_train.")
+    adapter_path: Optional[str] = arg(None, "A saved LoRA adapter, for --merge_adapter or --predict_image without "
+                                      "training.")
+    predict_image: Optional[str] = arg(None, "Answer --predict_question about this image file and exit (no dataset).")
+    predict_question: Optional[str] = arg(None, "The question for --predict_image.")
 
     def __post_init__(self):
         if (self.predict_image is None) != (self.predict_question is None):
@@ -320,31 +217,20 @@ class RunArguments:
 
 @dataclass
 class LoraArguments:
-    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator (scale = alpha / rank)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
-    lora_target_modules: Optional[list[str]] = field(
-        default=None,
-        metadata={
-            "help": "Module names to adapt (suffixes such as q_proj v_proj), or one regular expression matched "
-            "against full module names. Default: every linear layer of the language model's attention and MLP."
-        },
-    )
-
-    train_vision_tower: bool = field(
-        default=False, metadata={"help": "Also put LoRA on the vision tower's linear layers (frozen by default)."}
-    )
-    train_projector: bool = field(
-        default=False,
-        metadata={"help": "Also train the vision-to-text projector in full (saved with the adapter; frozen by default)."},
-    )
+    lora_rank: int = arg(16, "LoRA rank r.")
+    lora_alpha: float = arg(32.0, "LoRA scaling numerator (scale = alpha / rank).")
+    lora_dropout: float = arg(0.05, "Dropout on the LoRA branch.")
+    lora_target_modules: Optional[list[str]] = arg(
+        None, "Module names to adapt (suffixes such as q_proj v_proj), or one regular expression matched against "
+        "full module names. Default: every linear layer of the language model's attention and MLP.")
+    train_vision_tower: bool = arg(False, "Also put LoRA on the vision tower's linear layers (frozen by default).")
+    train_projector: bool = arg(False, "Also train the vision-to-text projector in full (saved with the adapter; "
+                                "frozen by default).")
 
     def __post_init__(self):
         if self.lora_target_modules and self.train_vision_tower:
-            raise UsageError(
-                "--train_vision_tower extends the default LoRA targets; with --lora_target_modules, name the "
-                "vision tower's layers there instead."
-            )
+            raise UsageError("--train_vision_tower extends the default LoRA targets; with --lora_target_modules, name "
+                             "the vision tower's layers there instead.")
         if self.lora_rank <= 0:
             raise UsageError(f"--lora_rank must be positive, got {self.lora_rank}.")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -355,13 +241,9 @@ class LoraArguments:
 class PortableTrainingArguments(TrainingArguments):
     """The stock TrainingArguments plus --attn_implementation, which GaudiTrainingArguments has on Gaudi."""
 
-    attn_implementation: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "Attention kernel (default: the model's own choice). gaudi_fused_sdpa needs Intel Gaudi.",
-            "choices": ["eager", "sdpa", "flash_attention_2", "gaudi_fused_sdpa"],
-        },
-    )
+    attn_implementation: Optional[str] = arg(
+        None, "Attention kernel (default: the model's own choice). gaudi_fused_sdpa needs Intel Gaudi.",
+        ["eager", "sdpa", "flash_attention_2", "gaudi_fused_sdpa"])
 
 
 @dataclass
@@ -381,13 +263,12 @@ def parse_args(argv: Optional[list[str]] = None) -> ScriptArguments:
     argv = list(sys.argv[1:] if argv is None else argv)
     json_file = argv[0] if len(argv) == 1 and argv[0].endswith(".json") else None
     given = flags_given(argv, json_file)
-    if not gaudi_stack_available():
+    if missing_gaudi_packages():
         refuse_gaudi_flags(given)
     # Under mpirun the rank must be in the environment before the training arguments pick the device.
     export_mpi_rank_environment()
-    parser = ScriptArgumentParser(
-        [ModelArguments, DataArguments, LoraArguments, EvaluationArguments, RunArguments, training_arguments_class(given)]
-    )
+    groups = [ModelArguments, DataArguments, LoraArguments, EvaluationArguments, RunArguments]
+    parser = ScriptArgumentParser(groups + [training_arguments_class(given)])
     if json_file is not None:
         known = {field.name for dtype in parser.dataclass_types for field in dataclasses.fields(dtype)}
         refuse_unknown_flags([f"--{name}" for name in given if name not in known], known)
@@ -395,7 +276,7 @@ def parse_args(argv: Optional[list[str]] = None) -> ScriptArguments:
     else:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
         known = {option[2:] for action in parser._actions for option in action.option_strings}
-        refuse_unknown_flags([arg.split("=")[0] for arg in remaining if arg.startswith("--")] or remaining, known)
+        refuse_unknown_flags([word.split("=")[0] for word in remaining if word.startswith("--")] or remaining, known)
     args = ScriptArguments(*parsed)
     settle_defaults(args, given)
     return args
@@ -410,8 +291,8 @@ class ScriptArgumentParser(HfArgumentParser):
 
 def refuse_unknown_flags(unknown: list[str], known: set[str]) -> None:
     if unknown:
-        hints = [arg + "".join(f" (did you mean --{match}?)" for match in difflib.get_close_matches(arg.lstrip("-"), known, 1))
-                 for arg in unknown]
+        close = {word: difflib.get_close_matches(word.lstrip("-"), known, 1) for word in unknown}
+        hints = [word + "".join(f" (did you mean --{match}?)" for match in close[word]) for word in unknown]
         raise UsageError(f"Unknown flag{'s' * (len(unknown) > 1)}: {', '.join(hints)}. See --help.")
 
 
@@ -421,9 +302,9 @@ def flags_given(argv: list[str], json_file: Optional[str]) -> dict[str, str]:
         with open(json_file) as f:
             return {name: str(value) for name, value in json.load(f).items()}
     given = {}
-    for index, arg in enumerate(argv):
-        if arg.startswith("--"):
-            name, _, value = arg[2:].partition("=")
+    for index, word in enumerate(argv):
+        if word.startswith("--"):
+            name, _, value = word[2:].partition("=")
             following = argv[index + 1] if index + 1 < len(argv) else ""
             given[name] = value or ("" if following.startswith("-") else following)
     return given
@@ -444,10 +325,9 @@ def refuse_gaudi_flags(given: dict[str, str]) -> None:
     if given.get("attn_implementation") == "gaudi_fused_sdpa":
         gaudi_flags.append("--attn_implementation gaudi_fused_sdpa")
     if gaudi_flags:
-        raise UsageError(
-            f"{', '.join(gaudi_flags)} need Intel Gaudi, but {missing_gaudi_packages()} not installed here. On a Gaudi "
-            "machine use Habana's PyTorch container and `pip install -r requirements.txt`; on CPU or CUDA drop these flags."
-        )
+        raise UsageError(f"{', '.join(gaudi_flags)} need Intel Gaudi, but {missing_gaudi_packages()} not installed "
+                         "here. On a Gaudi machine use Habana's PyTorch container and `pip install -r "
+                         "requirements.txt`; on CPU or CUDA drop these flags.")
 
 
 def settle_defaults(args: ScriptArguments, given: dict[str, str]) -> None:
@@ -459,15 +339,13 @@ def settle_defaults(args: ScriptArguments, given: dict[str, str]) -> None:
     if data.padding_strategy is None:
         # Gaudi lazy mode compiles a graph per input shape; a few fixed lengths keep that bounded.
         data.padding_strategy = "bucket" if on_gaudi and training.use_lazy_mode else "longest"
-    if data.length_buckets is None:
-        data.length_buckets = [-(-data.max_seq_length * k // 4) for k in (1, 2, 3, 4)]
-    data.length_buckets = sorted(set(data.length_buckets))
-    if data.length_buckets[0] <= 0 or data.length_buckets[-1] != data.max_seq_length:
-        raise UsageError(
-            f"--length_buckets {data.length_buckets}: lengths must be positive and the largest must equal "
-            f"--max_seq_length {data.max_seq_length}."
-        )
-    if getattr(training, "use_hpu_graphs_for_inference", False) and training.do_train and args.evaluation.eval_before_training:
+    if data.length_buckets is not None:
+        data.length_buckets = sorted(set(data.length_buckets))
+        if not data.length_buckets or data.length_buckets[0] <= 0 or data.length_buckets[-1] != data.max_seq_length:
+            raise UsageError(f"--length_buckets {data.length_buckets}: lengths must be positive and the largest must "
+                             f"equal --max_seq_length {data.max_seq_length}.")
+    hpu_graphs_for_inference = getattr(training, "use_hpu_graphs_for_inference", False)
+    if hpu_graphs_for_inference and training.do_train and args.evaluation.eval_before_training:
         # HPU graphs detach gradients (optimum/habana/transformers/trainer.py:2057), so a model wrapped for the
         # evaluation before training could not be trained.
         raise UsageError("--use_hpu_graphs_for_inference cannot go with --eval_before_training and --do_train.")
@@ -485,10 +363,11 @@ def settle_defaults(args: ScriptArguments, given: dict[str, str]) -> None:
     if training.gradient_checkpointing and training.gradient_checkpointing_kwargs is None:
         # Re-entrant checkpointing gives no gradient to LoRA weights behind frozen embeddings.
         training.gradient_checkpointing_kwargs = {"use_reentrant": False}
-    if "dataloader_pin_memory" not in given and not (on_gaudi or torch.accelerator.is_available()):
+    accelerated = on_gaudi or torch.accelerator.is_available()
+    if "dataloader_pin_memory" not in given and not accelerated:
         # Pinned host memory only helps copies to an accelerator; without one torch warns on every loader.
         training.dataloader_pin_memory = False
-    if "dataloader_num_workers" not in given and (on_gaudi or torch.accelerator.is_available()):
+    if "dataloader_num_workers" not in given and accelerated:
         # Decode and resize images in background workers while the device computes (this rank's share of the cores).
         cores_per_rank = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         training.dataloader_num_workers = min(4, max(0, cores_per_rank - 1))
@@ -499,25 +378,21 @@ def settle_defaults(args: ScriptArguments, given: dict[str, str]) -> None:
 
 
 def settle_execution_mode(training_args, lazy_flag_given: bool) -> None:
-    """Make --use_lazy_mode agree with PT_HPU_LAZY_MODE, which Habana's bridge reads when it is imported.
-
-    GaudiTrainingArguments turns lazy mode on by default; without the flag, the environment decides.
-    """
+    """Make --use_lazy_mode agree with PT_HPU_LAZY_MODE, which Habana's bridge reads when it is imported; without
+    the flag (which GaudiTrainingArguments turns on by default) the environment decides."""
     env_value = os.environ.get("PT_HPU_LAZY_MODE")
     if env_value not in ("0", "1"):
-        raise UsageError(
-            f"PT_HPU_LAZY_MODE is {'unset' if env_value is None else repr(env_value)}: set PT_HPU_LAZY_MODE=1 "
-            "(lazy mode, with --use_lazy_mode) or PT_HPU_LAZY_MODE=0 (eager mode) before the command."
-        )
+        raise UsageError(f"PT_HPU_LAZY_MODE is {'unset' if env_value is None else repr(env_value)}: set "
+                         "PT_HPU_LAZY_MODE=1 (lazy mode, with --use_lazy_mode) or PT_HPU_LAZY_MODE=0 (eager mode) "
+                         "before the command.")
     lazy_env = env_value == "1"
     if not lazy_flag_given:
         training_args.use_lazy_mode = lazy_env
     elif training_args.use_lazy_mode != lazy_env:
         fix = "drop --use_lazy_mode" if training_args.use_lazy_mode else "add --use_lazy_mode"
-        raise UsageError(
-            f"PT_HPU_LAZY_MODE={env_value} asks for {'lazy' if lazy_env else 'eager'} mode but --use_lazy_mode is "
-            f"{training_args.use_lazy_mode}: {fix}, or set PT_HPU_LAZY_MODE={int(not lazy_env)}."
-        )
+        raise UsageError(f"PT_HPU_LAZY_MODE={env_value} asks for {'lazy' if lazy_env else 'eager'} mode but "
+                         f"--use_lazy_mode is {training_args.use_lazy_mode}: {fix}, or set "
+                         f"PT_HPU_LAZY_MODE={int(not lazy_env)}.")
 
 
 def checkpoint_to_resume(training_args) -> Optional[str]:
@@ -529,18 +404,16 @@ def checkpoint_to_resume(training_args) -> Optional[str]:
         return None
     last_checkpoint = last_complete_checkpoint(output_dir)
     if last_checkpoint is None and any(p.name != "skipped_rows.parts" for p in output_dir.iterdir()):
-        raise UsageError(
-            f"--output_dir {output_dir} is not empty and holds no checkpoint to resume from. "
-            "Pass --overwrite_output_dir to train over it, or choose another folder."
-        )
+        raise UsageError(f"--output_dir {output_dir} is not empty and holds no checkpoint to resume from. Pass "
+                         "--overwrite_output_dir to train over it, or choose another folder.")
     if last_checkpoint is not None:
         logger.info(f"Resuming from {last_checkpoint}; pass --overwrite_output_dir to start afresh.")
     return last_checkpoint
 
 
 def finished_run(training_args) -> bool:
-    """Whether --output_dir holds this very run, finished: adapter and results saved, last checkpoint at the final
-    step of the same schedule. Re-running the command then leaves everything as it is."""
+    """Whether --output_dir holds this very run, finished (adapter and results saved, last checkpoint at the final
+    step of the same schedule): re-running the command then leaves everything as it is."""
     output_dir, checkpoint = Path(training_args.output_dir), training_args.resume_from_checkpoint
     if not (training_args.do_train and checkpoint and (output_dir / "train_results.json").is_file()):
         return False
@@ -555,11 +428,8 @@ def finished_run(training_args) -> bool:
 
 
 def last_complete_checkpoint(output_dir: Path) -> Optional[str]:
-    """The newest checkpoint folder whose trainer_state.json, which the Trainer writes last, is whole.
-
-    What this adds to transformers.trainer_utils.get_last_checkpoint, which returns the newest folder whatever it
-    holds: a checkpoint cut short while being written is passed over for the one before it.
-    """
+    """The newest checkpoint folder whose trainer_state.json (written last) is whole. What this adds to
+    transformers.trainer_utils.get_last_checkpoint: a checkpoint cut short while being written is passed over."""
     steps = sorted(
         (int(match.group(1)), path)
         for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
@@ -581,10 +451,8 @@ def check_free_disk(output_dir: str, min_free_gb: float) -> None:
         existing = existing.parent
     free_gb = shutil.disk_usage(existing).free / 2**30
     if free_gb < min_free_gb:
-        raise UsageError(
-            f"Only {free_gb:.2f} GiB free under {existing}, below --min_free_disk_gb {min_free_gb}: checkpoints "
-            "would fail mid-run. Free some space or choose another --output_dir."
-        )
+        raise UsageError(f"Only {free_gb:.2f} GiB free under {existing}, below --min_free_disk_gb {min_free_gb}: "
+                         "checkpoints would fail mid-run. Free some space or choose another --output_dir.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -593,15 +461,13 @@ def check_free_disk(output_dir: str, min_free_gb: float) -> None:
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
-    """Command-line entry: answering one question, merging a saved adapter and data dry runs have their own
-    function; everything else is the training path, `main`. Returns the exit code."""
+    """Command-line entry: one question, merging a saved adapter and data dry runs have their own function;
+    everything else is the training path, `main`. Returns the exit code."""
     try:
         args = parse_args(argv)
         if finished_run(args.training):
-            print(
-                f"{args.training.output_dir} holds this run, finished: nothing to do, nothing changed. "
-                "Pass --overwrite_output_dir to train it again.", file=sys.stderr,
-            )
+            print(f"{args.training.output_dir} holds this run, finished: nothing to do, nothing changed. Pass "
+                  "--overwrite_output_dir to train it again.", file=sys.stderr)
         elif args.run.predict_image is not None:
             print(answer_one_question(args))
         elif args.run.merge_adapter and not args.training.do_train:
@@ -648,10 +514,7 @@ def main(args: ScriptArguments) -> Trainer:
     trainer = build_trainer(model, training_args, model_args, args.run, processor, splits, collator)
 
     # Train, stopping cleanly on SIGTERM; an evaluation of the untouched model first, if asked.
-    generator = GenerationEvaluator(
-        encoder, skipped_rows, args.evaluation, training_args.per_device_eval_batch_size,
-        data_args.length_buckets if data_args.padding_strategy == "bucket" else None, hpu_generation_options(training_args),
-    ) if args.evaluation.generation_eval else None
+    generator = GenerationEvaluator.for_run(encoder, skipped_rows, args) if args.evaluation.generation_eval else None
     before = {}
     if training_args.do_train:
         if training_args.do_eval and args.evaluation.eval_before_training:
@@ -668,11 +531,8 @@ def main(args: ScriptArguments) -> Trainer:
 
 def setup_run(training_args) -> None:
     """Logging for this process (quiet on every rank but the first) and the seed."""
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stderr)],
-    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stderr)])
     if training_args.should_log:
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
@@ -681,10 +541,8 @@ def setup_run(training_args) -> None:
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    logger.info(
-        f"Process rank: {training_args.process_index}, device: {training_args.device}, "
-        f"world size: {training_args.world_size}, bf16: {training_args.bf16}"
-    )
+    logger.info(f"Process rank: {training_args.process_index}, device: {training_args.device}, "
+                f"world size: {training_args.world_size}, bf16: {training_args.bf16}")
     set_seed(training_args.seed)
 
 
@@ -694,75 +552,69 @@ def setup_run(training_args) -> None:
 
 
 def load_processor(model_args: ModelArguments):
-    """The processor, and the family entry picked from config.model_type (never from the model's name)."""
+    """The config, the family entry picked from config.model_type (never from the model's name), and the processor."""
+    path, hub = model_args.model_name_or_path, hub_kwargs(model_args)
     try:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
+        config = AutoConfig.from_pretrained(path, **hub)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load its config ({e}).") from e
+        raise UsageError(f"--model_name_or_path {path}: cannot load its config ({e}).") from e
     family = model_family(config.model_type)
     # The checkpoint's own (slow) image processor gives the pixels the model was trained with; asking for it with
-    # use_fast=False would also swap in the slow tokenizer, which has no offsets (processing_utils.py:1349-1368, image_processing_auto.py:528-533), so
-    # the notice that fast processors will become the default is silenced instead.
-    notice_loggers = [logging.getLogger(f"transformers.{name}") for name in ("processing_utils", "models.auto.image_processing_auto")]
-    levels = [notice_logger.level for notice_logger in notice_loggers]
-    for notice_logger in notice_loggers:
-        notice_logger.setLevel(logging.ERROR)
+    # use_fast=False would also swap in the slow tokenizer, which has no offsets (processing_utils.py:1349-1368,
+    # image_processing_auto.py:528-533), so the notice that fast processors will become the default is silenced.
+    notices = [logging.getLogger("transformers.processing_utils"),
+               logging.getLogger("transformers.models.auto.image_processing_auto")]
+    levels = [notice.level for notice in notices]
+    for notice in notices:
+        notice.setLevel(logging.ERROR)
     try:
-        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
+        processor = AutoProcessor.from_pretrained(path, **hub)
     except ImportError as e:
-        if family.image_only_processor is None or "torchvision" not in str(e).lower():
+        if family.image_only_processor_class is None or "torchvision" not in str(e).lower():
             raise
-        processor = family.image_only_processor(model_args.model_name_or_path, **hub_kwargs(model_args))
+        processor = family.image_only_processor_class().from_pretrained(path, **hub)
     except OSError as e:
-        raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load its processor ({e}).") from e
+        raise UsageError(f"--model_name_or_path {path}: cannot load its processor ({e}).") from e
     finally:
-        for notice_logger, level in zip(notice_loggers, levels):
-            notice_logger.setLevel(level)
+        for notice, level in zip(notices, levels):
+            notice.setLevel(level)
     if not processor.chat_template:
-        raise UsageError(
-            f"{model_args.model_name_or_path} has no chat template, which the collator needs to find the "
-            "assistant's tokens; use an instruction-tuned checkpoint (e.g. google/gemma-3-12b-it)."
-        )
+        raise UsageError(f"{path} has no chat template, which the collator needs to find the assistant's tokens; use "
+                         "an instruction-tuned checkpoint (e.g. google/gemma-3-12b-it).")
     return config, family, processor
 
 
 def hub_kwargs(model_args: ModelArguments) -> dict:
-    return dict(
-        cache_dir=model_args.cache_dir, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
-    )
+    return {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision,
+            "trust_remote_code": model_args.trust_remote_code}
 
 
 def model_family(model_type: str) -> ModelFamily:
     if model_type not in MODEL_FAMILIES:
-        raise UsageError(
-            f"Model type '{model_type}' is not supported; supported model types: {', '.join(sorted(MODEL_FAMILIES))}."
-        )
+        raise UsageError(f"Model type '{model_type}' is not supported; supported model types: "
+                         f"{', '.join(sorted(MODEL_FAMILIES))}.")
     return MODEL_FAMILIES[model_type]
 
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """What the script needs to know about one model family: one entry of MODEL_FAMILIES per `model_type`.
+    """What the script needs to know about one model family (one MODEL_FAMILIES entry per `model_type`). LoRA
+    targets need no entry: they are found in the module tree (the language model's linear layers)."""
 
-    The chat template writes `image_placeholder(processor)` once per image; the processor then replaces it
-    by a longer text (the image's tokens). Knowing how long lets the collator move assistant spans found in
-    the rendered chat onto the processed tokens:
-    - `image_token_counts(processor, processed)`: image tokens of each image in a processed batch;
-    - `expanded_length(processor, count)`: characters the placeholder of an image with `count` tokens becomes.
-    `image_inputs` are the processor outputs the model needs besides the text, one entry per image, except
-    that `patches_per_image` (if set) says how many rows of a patch-concatenated `pixel_values` each image
-    owns. LoRA targets need no entry: they are found in the module tree (the language model's linear layers).
-    """
-
+    # The chat template writes image_placeholder(processor) once per image; the processor replaces it by a longer
+    # text, the image's tokens. Knowing how long moves assistant spans found in the rendered chat onto the tokens.
     image_placeholder: Callable[[Any], str]
-    image_token_counts: Callable[[Any, dict], list]
-    expanded_length: Callable[[Any, int], int]
+    image_token_counts: Callable[[Any, dict], list]  # (processor, processed batch) -> image tokens of each image
+    expanded_length: Callable[[Any, int], int]  # (processor, count) -> characters the placeholder then becomes
+    # Processor outputs the model needs besides the text, one entry per image, except that patches_per_image (if set)
+    # says how many rows of a patch-concatenated `pixel_values` each image owns.
     image_inputs: tuple = ("pixel_values",)
     patches_per_image: Optional[Callable[[dict], list]] = None
     processor_call_kwargs: dict = field(default_factory=dict)
     hpu_attention_options: bool = False  # the optimum-habana port takes use_flash_attention & co.
-    # Loads the processor where AutoProcessor cannot (a video processor this script never uses needs torchvision).
-    image_only_processor: Optional[Callable[..., Any]] = None
+    # The processor class where AutoProcessor cannot load one (a video processor this script never uses needs
+    # torchvision); built on first use, so that importing this script does not import the family's code.
+    image_only_processor_class: Optional[Callable[[], type]] = None
     # Last names of the vision tower and projector modules (for --train_vision_tower / --train_projector).
     vision_tower: str = "vision_tower"
     projector: str = "multi_modal_projector"
@@ -786,11 +638,8 @@ def repeated_token_length(processor, count: int) -> int:
 
 @functools.cache
 def image_only_qwen2_5_vl_processor_class() -> type:
-    """Qwen2.5-VL's processor without its video half (whose video processor needs torchvision).
-
-    Text and images behave exactly as in the real class. The class is built on first use, so importing this
-    script does not import the Qwen2.5-VL code.
-    """
+    """Qwen2.5-VL's processor without its video half (whose video processor needs torchvision); text and images
+    behave exactly as in the real class."""
     from transformers import Qwen2_5_VLProcessor
 
     class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -803,10 +652,6 @@ def image_only_qwen2_5_vl_processor_class() -> type:
     # Saved files name their processor class; name the real one, so AutoProcessor can load them elsewhere.
     ImageOnlyQwen2_5_VLProcessor.__name__ = Qwen2_5_VLProcessor.__name__
     return ImageOnlyQwen2_5_VLProcessor
-
-
-def qwen2_5_vl_image_only_processor(path: str, **kwargs):
-    return image_only_qwen2_5_vl_processor_class().from_pretrained(path, **kwargs)
 
 
 MODEL_FAMILIES = {
@@ -826,7 +671,7 @@ MODEL_FAMILIES = {
         expanded_length=repeated_token_length,
         image_inputs=("pixel_values", "image_grid_thw"),
         patches_per_image=lambda processed: [int(np.prod(grid)) for grid in processed["image_grid_thw"]],
-        image_only_processor=qwen2_5_vl_image_only_processor,
+        image_only_processor_class=image_only_qwen2_5_vl_processor_class,
         vision_tower="visual",
         projector="merger",
         pixel_budget_kwargs=("min_pixels", "max_pixels"),
@@ -845,7 +690,9 @@ MODEL_FAMILIES = {
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_data(data_args: DataArguments, training_args, cache_dir: Optional[str]) -> tuple[dict, DatasetSchema, Optional[Path]]:
+def load_data(
+    data_args: DataArguments, training_args, cache_dir: Optional[str]
+) -> tuple[dict, DatasetSchema, Optional[Path]]:
     """The rows of each split the run uses, the dataset's schema, and the folder relative image paths start from."""
     if data_args.dataset_name is None:
         raise UsageError("--dataset_name is required (a Hub dataset id or a local path).")
@@ -863,14 +710,14 @@ DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parque
 EVAL_SPLIT_NAMES = ("validation", "val", "valid", "dev")
 
 
-def load_raw_datasets(data_args: DataArguments, cache_dir: Optional[str]) -> tuple[datasets.DatasetDict, Optional[Path]]:
+def load_raw_datasets(
+    data_args: DataArguments, cache_dir: Optional[str]
+) -> tuple[datasets.DatasetDict, Optional[Path]]:
     """Load every split; also return the folder that relative image paths are resolved against."""
     path = Path(data_args.dataset_name)
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
         loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.Dataset):
-            loaded = datasets.DatasetDict({"train": loaded})
-        return loaded, path
+        return (datasets.DatasetDict({"train": loaded}) if isinstance(loaded, datasets.Dataset) else loaded), path
     if path.is_file():
         builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
@@ -894,63 +741,54 @@ def check_every_data_file_is_used(folder: Path) -> None:
     used = {Path(f).resolve() for files in DataFilesDict.from_patterns(patterns, str(folder)).values() for f in files}
     unused = [p.name for p in data_files if p.resolve() not in used]
     if unused:
-        raise UsageError(
-            f"--dataset_name {folder}: {unused} belong to no split. Name each data file after its split (train*, "
-            "validation* / val* / dev*, test*), or keep none of them named after a split (all are then train)."
-        )
+        raise UsageError(f"--dataset_name {folder}: {unused} belong to no split. Name each data file after its split "
+                         "(train*, validation* / val* / dev*, test*), or keep none of them named after a split (all "
+                         "are then train).")
 
 
 def prepare_splits(raw: datasets.DatasetDict, data_args: DataArguments, training_args) -> dict[str, IndexedRows]:
     """Choose train/eval/test rows by index only; no row is read here, so start-up does not grow with size."""
-    needed = {"train": training_args.do_train, "eval": training_args.do_eval, "test": training_args.do_predict}
-    if (needed["train"] or needed["eval"]) and data_args.train_split not in raw and pick_eval_split(raw, data_args) is None:
-        raise UsageError(
-            f"Dataset '{data_args.dataset_name}' has no '{data_args.train_split}' split (splits: {list(raw)}); "
-            "set --train_split."
-        )
+    train_name, eval_name, seed = data_args.train_split, pick_eval_split(raw, data_args), training_args.seed
+    if train_name not in raw and (training_args.do_train or (training_args.do_eval and eval_name is None)):
+        raise UsageError(f"Dataset '{data_args.dataset_name}' has no '{train_name}' split (splits: {list(raw)}); "
+                         "set --train_split.")
     for name in raw:
         raw[name] = without_image_decoding(raw[name])
+    train_rows = eval_rows = None  # None: every row of the split
+    if training_args.do_eval and eval_name is None:
+        eval_name = train_name
+        train_rows, eval_rows = carve_validation(len(raw[eval_name]), data_args.validation_split_percentage, seed)
+        logger.info(f"No evaluation split in {list(raw)}: {len(eval_rows)} of {len(raw[eval_name])} '{eval_name}' "
+                    f"rows (seed {seed}) are held out for evaluation.")
+    if training_args.do_predict and data_args.test_split not in raw:
+        raise UsageError(f"--do_predict needs a '{data_args.test_split}' split; found {list(raw)}. Set --test_split.")
     splits = {}
-    eval_name = pick_eval_split(raw, data_args)
-    train_rows = np.arange(len(raw[data_args.train_split])) if data_args.train_split in raw else None
-    eval_rows = np.arange(len(raw[eval_name])) if eval_name else None
-    if needed["eval"] and eval_name is None:
-        eval_name = data_args.train_split
-        train_rows, eval_rows = carve_validation(len(raw[eval_name]), data_args.validation_split_percentage, training_args.seed)
-        logger.info(
-            f"No evaluation split in {list(raw)}: {len(eval_rows)} of {len(raw[eval_name])} '{eval_name}' rows "
-            f"(seed {training_args.seed}) are held out for evaluation."
-        )
-    seed = training_args.seed
-    if needed["train"]:
-        rows = cut_rows(train_rows, data_args.max_train_samples, data_args.sample_selection, seed)
-        splits["train"] = IndexedRows(raw[data_args.train_split], data_args.train_split, rows)
-    if needed["eval"]:
-        rows = cut_rows(eval_rows, data_args.max_eval_samples, data_args.sample_selection, seed)
-        splits["eval"] = IndexedRows(raw[eval_name], eval_name, rows)
-    if needed["test"]:
-        if data_args.test_split not in raw:
-            raise UsageError(f"--do_predict needs a '{data_args.test_split}' split; found {list(raw)}. Set --test_split.")
-        rows = cut_rows(np.arange(len(raw[data_args.test_split])), data_args.max_eval_samples, data_args.sample_selection, seed)
-        splits["test"] = IndexedRows(raw[data_args.test_split], data_args.test_split, rows)
+    for stage, needed, name, rows, limit in (
+        ("train", training_args.do_train, train_name, train_rows, data_args.max_train_samples),
+        ("eval", training_args.do_eval, eval_name, eval_rows, data_args.max_eval_samples),
+        ("test", training_args.do_predict, data_args.test_split, None, data_args.max_eval_samples),
+    ):
+        if needed:
+            rows = np.arange(len(raw[name])) if rows is None else rows
+            splits[stage] = IndexedRows(raw[name], name, cut_rows(rows, limit, data_args.sample_selection, seed))
     return splits
 
 
 def pick_eval_split(raw: datasets.DatasetDict, data_args: DataArguments) -> Optional[str]:
-    if data_args.eval_split is not None:
-        if data_args.eval_split not in raw:
-            raise UsageError(
-                f"--eval_split {data_args.eval_split}: dataset '{data_args.dataset_name}' has splits {list(raw)}."
-            )
-        return data_args.eval_split
-    return next((name for name in EVAL_SPLIT_NAMES if name in raw), None)
+    if data_args.eval_split is None:
+        return next((name for name in EVAL_SPLIT_NAMES if name in raw), None)
+    if data_args.eval_split not in raw:
+        raise UsageError(f"--eval_split {data_args.eval_split}: dataset '{data_args.dataset_name}' has splits "
+                         f"{list(raw)}.")
+    return data_args.eval_split
 
 
 def carve_validation(num_rows: int, percentage: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded, rank-independent split of train into (train rows, held-out rows)."""
     held_out = max(1, int(round(num_rows * percentage / 100)))
     if held_out >= num_rows:
-        raise UsageError(f"Cannot hold out {held_out} of {num_rows} rows for evaluation; lower --validation_split_percentage.")
+        raise UsageError(f"Cannot hold out {held_out} of {num_rows} rows for evaluation; lower "
+                         "--validation_split_percentage.")
     permutation = np.random.default_rng(seed).permutation(num_rows)
     return np.sort(permutation[held_out:]), np.sort(permutation[:held_out])
 
@@ -963,18 +801,14 @@ def cut_rows(row_indices: np.ndarray, limit: Optional[int], selection: str, seed
     return row_indices[:limit]
 
 
+@dataclass(eq=False)
 class IndexedRows(torch.utils.data.Dataset):
-    """One split, read row by row on demand; each item carries the split name and its row index in that split.
+    """One split, read row by row on demand; each item carries the split name and its row index in that split."""
 
-    `token_lengths` (one per row, once the validation pass measured them) are the rows' lengths in tokens.
-    """
-
-    def __init__(self, dataset: datasets.Dataset, split: str, row_indices: np.ndarray,
-                 token_lengths: Optional[np.ndarray] = None):
-        self.dataset = dataset
-        self.split = split
-        self.row_indices = row_indices
-        self.token_lengths = token_lengths
+    dataset: datasets.Dataset
+    split: str
+    row_indices: np.ndarray
+    token_lengths: Optional[np.ndarray] = None  # the rows' lengths in tokens, once the validation pass measured them
 
     def __len__(self) -> int:
         return len(self.row_indices)
@@ -985,15 +819,16 @@ class IndexedRows(torch.utils.data.Dataset):
 
 
 def without_image_decoding(dataset: datasets.Dataset) -> datasets.Dataset:
-    """The split with decoding switched off on its image columns (see `undecoded`).
-
-    Column by column: on an Image column cast_column only swaps the feature, whereas Dataset.cast copies every
-    row of every column into a cache file beside the data, a full copy of a large dataset at start-up.
-    """
+    """The split with decoding switched off on its image columns (see `undecoded`). Column by column: on an Image
+    column cast_column only swaps the feature, whereas Dataset.cast copies every row of every column to a cache file."""
     for column, feature in dataset.features.items():
         if undecoded(feature) != feature:
             dataset = dataset.cast_column(column, undecoded(feature))
     return dataset
+
+
+# Every list feature an image column may use; List and LargeList do not exist in every datasets release.
+LIST_FEATURES = tuple(getattr(datasets, name) for name in ("Sequence", "List", "LargeList") if hasattr(datasets, name))
 
 
 def undecoded(feature):
@@ -1004,10 +839,6 @@ def undecoded(feature):
         # replace() keeps the list's own settings, such as a fixed length.
         return dataclasses.replace(feature, feature=dataclasses.replace(feature.feature, decode=False))
     return feature
-
-
-# Every list feature an image column may use; List and LargeList do not exist in every datasets release.
-LIST_FEATURES = tuple(getattr(datasets, name) for name in ("Sequence", "List", "LargeList") if hasattr(datasets, name))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1021,11 +852,9 @@ def detect_schema(columns: list[str], data_args: DataArguments) -> DatasetSchema
 
     def pick(flag: str, candidates: tuple) -> Optional[str]:
         explicit = getattr(data_args, flag)
-        if explicit is not None:
-            if explicit not in columns:
-                raise UsageError(f"--{flag} {explicit}: no such column. {found}.")
-            return explicit
-        return next((c for c in candidates if c in columns), None)
+        if explicit is not None and explicit not in columns:
+            raise UsageError(f"--{flag} {explicit}: no such column. {found}.")
+        return explicit if explicit is not None else next((c for c in candidates if c in columns), None)
 
     image_column = pick("image_column", IMAGE_COLUMNS)
     if image_column is None:
@@ -1041,11 +870,9 @@ def detect_schema(columns: list[str], data_args: DataArguments) -> DatasetSchema
     if question_column is None and caption_column is not None:
         return DatasetSchema("caption", image_column, target_column=caption_column)
     missing = "--answer_column" if question_column is not None else "--question_column and --answer_column"
-    raise UsageError(
-        f"{found}: cannot tell the question and answer apart (looked for questions in {list(QUESTION_COLUMNS)}, "
-        f"answers in {list(ANSWER_COLUMNS)}, chats in {list(CONVERSATION_COLUMNS)}). Set {missing}, "
-        "or --messages_column for chat data."
-    )
+    raise UsageError(f"{found}: cannot tell the question and answer apart (looked for questions in "
+                     f"{list(QUESTION_COLUMNS)}, answers in {list(ANSWER_COLUMNS)}, chats in "
+                     f"{list(CONVERSATION_COLUMNS)}). Set {missing}, or --messages_column for chat data.")
 
 
 @dataclass(frozen=True)
@@ -1056,18 +883,11 @@ class DatasetSchema:
     target_column: Optional[str] = None  # the answer, the caption, or the conversation
 
 
+# Column names detect_schema looks for, in order.
 IMAGE_COLUMNS = ("image", "images")
-
-
 QUESTION_COLUMNS = ("query", "question")
-
-
 ANSWER_COLUMNS = ("label", "answer", "answers")
-
-
 CONVERSATION_COLUMNS = ("messages", "conversations")
-
-
 CAPTION_COLUMNS = ("caption", "text")
 
 
@@ -1092,7 +912,10 @@ def normalize_row(row: dict, schema: DatasetSchema, data_args: DataArguments) ->
                 raise InvalidRowError("empty_question", f"column '{schema.text_column}' is empty")
             question = data_args.question_template.format(question=question.strip())
         target, answers = choose_answer(row.get(schema.target_column))
-        messages = [user_turn(len(images), question), {"role": "assistant", "content": [text_part(target)]}]
+        messages = [
+            {"role": "user", "content": [{"type": "image"}] * len(images) + [text_part(question)]},
+            {"role": "assistant", "content": [text_part(target)]},
+        ]
     if data_args.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": [text_part(data_args.system_prompt)]})
     return {"images": images, "messages": messages, "answers": answers}
@@ -1119,17 +942,11 @@ def choose_answer(value: Any) -> tuple[str, list[str]]:
 
 
 def as_image_list(value: Any) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def text_part(text: str) -> dict:
     return {"type": "text", "text": text}
-
-
-def user_turn(num_images: int, text: str) -> dict:
-    return {"role": "user", "content": [{"type": "image"}] * num_images + [text_part(text)]}
 
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -1157,9 +974,8 @@ def conversation_turn(message: Any, image_placeholder: str) -> dict:
             for part in content
         ]
     else:
-        raise InvalidRowError(
-            "bad_conversation", f"{role} message content must be text or a list of part dicts, got {content!r:.100}"
-        )
+        raise InvalidRowError("bad_conversation",
+                              f"{role} message content must be text or a list of part dicts, got {content!r:.100}")
     return {"role": role, "content": parts}
 
 
@@ -1169,7 +985,8 @@ def check_conversation(messages: list[dict], num_images: int) -> None:
         raise InvalidRowError("image_count_mismatch", f"{placeholders} image placeholders but {num_images} images")
     if next((m["role"] for m in messages if m["role"] != "system"), None) == "assistant":
         # Templates disagree on such chats (Gemma 3's rejects them, others index past the start): one answer for all.
-        raise InvalidRowError("bad_conversation", "the conversation starts with an assistant turn, before any user turn")
+        raise InvalidRowError("bad_conversation",
+                              "the conversation starts with an assistant turn, before any user turn")
     assistant_turns = [m["content"] for m in messages if m["role"] == "assistant"]
     if not assistant_turns:
         raise InvalidRowError("no_assistant_turn", "the conversation has no assistant message")
@@ -1182,31 +999,28 @@ def check_conversation(messages: list[dict], num_images: int) -> None:
 # Data: images
 # ---------------------------------------------------------------------------------------------------
 
+# What a bad image raises. DecompressionBombError (past Pillow's pixel limit) is no OSError; without it here one
+# giant image would end the run even with --invalid_rows skip.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
 
 def open_image(value: Any, base_dir: Optional[Path]) -> Image.Image:
     """Decode a PIL image, bytes, {"bytes", "path"} dict or file path (relative to the dataset) as upright RGB.
-
-    datasets.Image decodes the file and turns it by its EXIF orientation; what this adds: paths relative to the
-    dataset, a bad or missing image as a bad row (not a crash), and `to_rgb`.
-    """
+    datasets.Image decodes and applies the EXIF orientation; what this adds: paths relative to the dataset, a bad or
+    missing image as a bad row (not a crash), and `to_rgb`."""
     source = image_source(value, base_dir)
     try:
         if isinstance(source, Image.Image):
             return to_rgb(ImageOps.exif_transpose(source))
         encoded = {"bytes": source, "path": None} if isinstance(source, bytes) else {"bytes": None, "path": source}
         return to_rgb(datasets.Image().decode_example(encoded))
-    # DecompressionBombError (an image past Pillow's pixel limit) is no OSError; without it here one giant image
-    # would end the run even with --invalid_rows skip.
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except IMAGE_ERRORS as e:
         raise InvalidRowError("image_unreadable", f"cannot decode image: {e}") from e
 
 
 def image_size(value: Any, base_dir: Optional[Path]) -> tuple[int, int]:
-    """(height, width) of the image `open_image` would return, from the file's header: no pixel is decoded.
-
-    A missing or unreadable file is the same bad row as in open_image; what only decoding finds (truncated pixel
-    data) is left to open_image, per batch.
-    """
+    """(height, width) of the image `open_image` would return, from the file's header: no pixel is decoded, so what
+    only decoding finds (truncated pixel data) is left to open_image, per batch."""
     source = image_source(value, base_dir)
     try:
         opened = source if isinstance(source, Image.Image) else Image.open(
@@ -1219,7 +1033,7 @@ def image_size(value: Any, base_dir: Optional[Path]) -> tuple[int, int]:
             if "exif" in image.info and image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
                 width, height = height, width
             return height, width
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except IMAGE_ERRORS as e:
         raise InvalidRowError("image_unreadable", f"cannot read the image header: {e}") from e
 
 
@@ -1257,8 +1071,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(grey, mode="L").convert("RGB")
     if transparent:
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return convert_to_rgb(image)
 
 
@@ -1268,11 +1081,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 class SkippedRows:
-    """What --invalid_rows does with a bad row, and the record of skipped and truncated rows.
-
-    Each process (dataloader workers and ranks included) appends to its own JSON-lines file under
-    `<output_dir>/skipped_rows.parts`; `write_report` merges them into `skipped_rows.json`.
-    """
+    """What --invalid_rows does with a bad row, and the record of skipped and truncated rows. Each process (dataloader
+    workers and ranks included) appends to its own JSON-lines file under `<output_dir>/skipped_rows.parts`;
+    `write_report` merges them into `skipped_rows.json`."""
 
     def __init__(self, output_dir: Optional[str], invalid_rows: str = "error"):
         self.parts_dir = Path(output_dir, "skipped_rows.parts") if output_dir else None
@@ -1288,12 +1099,10 @@ class SkippedRows:
 
     def reject(self, feature: dict, error: InvalidRowError, action: str = "skipped") -> None:
         """A bad row stops the run (--invalid_rows error) or is recorded and dropped; a truncated one is recorded."""
-        where = f"{feature['split']} row {feature['row_index']}"
         if action == "skipped" and self.invalid_rows == "error":
-            raise UsageError(
-                f"Invalid {where}: {error.reason}: {error.detail}. Fix the row, or pass --invalid_rows skip "
-                "to drop such rows (they are listed in skipped_rows.json)."
-            ) from error
+            where = f"{feature['split']} row {feature['row_index']}"
+            raise UsageError(f"Invalid {where}: {error.reason}: {error.detail}. Fix the row, or pass --invalid_rows "
+                             "skip to drop such rows (they are listed in skipped_rows.json).") from error
         self.record(action, feature["split"], feature["row_index"], error.reason, error.detail)
 
     def record(self, action: str, split: str, row_index: int, reason: str, detail: str) -> None:
@@ -1304,15 +1113,12 @@ class SkippedRows:
                 f.write(json.dumps(entry) + "\n")
 
     def clear(self) -> None:
-        if self.parts_dir is not None and self.parts_dir.is_dir():
-            for part in self.parts_dir.glob("*.jsonl"):
-                part.unlink()
+        for part in self.parts_dir.glob("*.jsonl") if self.parts_dir is not None else ():
+            part.unlink()
 
     def entries(self) -> list[dict]:
-        if self.parts_dir is None or not self.parts_dir.is_dir():
-            return []
         unique = {}
-        for part in sorted(self.parts_dir.glob("*.jsonl")):
+        for part in sorted(self.parts_dir.glob("*.jsonl")) if self.parts_dir is not None else ():
             for line in part.read_text().splitlines():
                 entry = json.loads(line)
                 unique[(entry["action"], entry["split"], entry["row_index"])] = entry
@@ -1321,17 +1127,12 @@ class SkippedRows:
     def write_report(self, output_dir: str) -> dict:
         """Write skipped_rows.json; return {action: {reason: count}} for logging."""
         entries = self.entries()
-        counts = collections.defaultdict(collections.Counter)
-        for entry in entries:
-            counts[entry["action"]][entry["reason"]] += 1
-        report = {
-            "skipped_by_reason": dict(counts["skipped"]),
-            "truncated_by_reason": dict(counts["truncated"]),
-            "rows": entries,
-        }
+        counts = {action: dict(collections.Counter(e["reason"] for e in entries if e["action"] == action))
+                  for action in ("skipped", "truncated")}
+        report = {"skipped_by_reason": counts["skipped"], "truncated_by_reason": counts["truncated"], "rows": entries}
         with open(Path(output_dir, "skipped_rows.json"), "w") as f:
             json.dump(report, f, indent=2)
-        return {"skipped": dict(counts["skipped"]), "truncated": dict(counts["truncated"])}
+        return counts
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1341,13 +1142,10 @@ class SkippedRows:
 
 def validate_rows(encoder: ChatEncoder, splits: dict, skipped_rows: SkippedRows, training_args,
                   cache_dir: Optional[str] = None) -> dict:
-    """--validate_rows full: before the model loads, check every selected row as the collator will encode it (but
-    from image headers, without decoding pixels) and report all bad rows at once.
-
-    --invalid_rows error stops with that report; skip drops the bad rows from the row index, so that epochs,
-    max_steps and rank shares count good rows only, and lists them in skipped_rows.json. Returns the splits, each
-    with its rows' token lengths. Results are cached by the rows' fingerprint: a rerun of a command is instant.
-    """
+    """--validate_rows full: before the model loads, check every selected row as the collator will encode it (from
+    image headers, no pixels) and report all bad rows at once: --invalid_rows error stops with that report; skip drops
+    them from the row index (so epochs, max_steps and rank shares count good rows only) and lists them in
+    skipped_rows.json. Returns the splits with their rows' token lengths. Cached by the rows' fingerprint."""
     if encoder.data_args.validate_rows == "none":
         return splits
     cache = Path(cache_dir or datasets.config.HF_DATASETS_CACHE, "run_lora_vlm_row_checks")
@@ -1357,20 +1155,20 @@ def validate_rows(encoder: ChatEncoder, splits: dict, skipped_rows: SkippedRows,
     valid, bad_rows = {}, []
     for name, rows in splits.items():
         reasons = np.asarray(checked[name]["reason"], dtype=object)
-        if (reasons != "").any():
-            details = checked[name]["detail"]
-            bad_rows += [(rows.split, int(rows.row_indices[i]), reasons[i], details[i]) for i in np.flatnonzero(reasons != "")]
         good = reasons == ""
-        valid[name] = IndexedRows(rows.dataset, rows.split, rows.row_indices[good], np.asarray(checked[name]["length"])[good])
+        if not good.all():
+            details = checked[name]["detail"]
+            bad_rows += [(rows.split, int(rows.row_indices[i]), reasons[i], details[i]) for i in np.flatnonzero(~good)]
+        lengths = np.asarray(checked[name]["length"])[good]
+        valid[name] = IndexedRows(rows.dataset, rows.split, rows.row_indices[good], lengths)
     total = sum(len(rows) for rows in splits.values())
     if not bad_rows:
         logger.info(f"Checked {total} rows: all valid.")
         return valid
     summary = describe_bad_rows(bad_rows, total)
     if encoder.data_args.invalid_rows == "error":
-        raise UsageError(
-            f"{summary}. Fix these rows, or pass --invalid_rows skip to drop them (they are then listed in skipped_rows.json)."
-        )
+        raise UsageError(f"{summary}. Fix these rows, or pass --invalid_rows skip to drop them (they are then listed "
+                         "in skipped_rows.json).")
     logger.warning(f"{summary}. They are dropped (--invalid_rows skip) and listed in skipped_rows.json.")
     if training_args.should_save:  # one record for the run, not one per rank
         for split, row_index, reason, detail in bad_rows:
@@ -1388,7 +1186,7 @@ def describe_bad_rows(bad_rows: list[tuple], total: int) -> str:
         by_reason[entry[2]].append(entry)
     parts = []
     for reason, entries in sorted(by_reason.items(), key=lambda item: -len(item[1])):
-        first = ", ".join(f"{split} row {index}" for split, index, _, _ in entries[:5]) + (", ..." if len(entries) > 5 else "")
+        first = ", ".join([f"{split} row {index}" for split, index, _, _ in entries[:5]] + ["..."] * (len(entries) > 5))
         parts.append(f"{reason} x{len(entries)} ({first}; e.g. {' '.join(entries[0][3].split()):.150})")
     return f"{len(bad_rows)} of {total} rows are invalid: " + "; ".join(parts)
 
@@ -1398,14 +1196,14 @@ ROW_CHECK_FEATURES = datasets.Features(
 )
 # Flags that change nothing a row check finds; a rerun that changes only them (say, to --invalid_rows skip after an
 # error report) reads the cached checks.
-ROW_CHECK_UNUSED_FLAGS = ("padding_strategy", "length_buckets", "length_buckets_given", "invalid_rows", "validate_rows")
+ROW_CHECK_UNUSED_FLAGS = ("padding_strategy", "length_buckets", "invalid_rows", "validate_rows")
 ROWS_PER_CHECK_PROCESS = 1000
 MAX_CHECK_PROCESSES = 8
 
 
 def check_split(encoder: ChatEncoder, rows: IndexedRows, cache: Path) -> datasets.Dataset:
-    """RowChecker over the selected rows of one split by datasets.map: in parallel when there are many, and cached
-    under a fingerprint of everything the checks depend on."""
+    """RowChecker over one split's selected rows by datasets.map: in parallel when there are many, and cached under a
+    fingerprint of everything the checks depend on."""
     schema = encoder.schema
     columns = [c for c in (schema.image_column, schema.text_column, schema.target_column) if c]
     selected = rows.dataset.select(rows.row_indices).select_columns(columns)
@@ -1451,7 +1249,9 @@ def named_files(array: pa.Array) -> list[str]:
     if pa.types.is_struct(kind) and kind.get_field_index("path") >= 0 and kind.get_field_index("bytes") >= 0:
         # A path beside embedded bytes is only a name.
         return named_files(array.field("path").filter(array.field("bytes").is_null()))
-    return [name for name in array.to_pylist() if name] if pa.types.is_string(kind) or pa.types.is_large_string(kind) else []
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        return []
+    return [name for name in array.to_pylist() if name]
 
 
 def file_stamp(name: str, base_dir: Optional[Path]) -> tuple:
@@ -1464,12 +1264,9 @@ def file_stamp(name: str, base_dir: Optional[Path]) -> tuple:
 
 
 class RowChecker:
-    """The datasets.map function of the validation pass: checks a batch of rows as the collator would encode them.
-
-    Per row: the canonical chat and its texts (ChatEncoder.rendered_chat), each image's header, and the length in
-    tokens: the rendered chat tokenized with one image token per image, plus each image's other tokens (the
-    processor's count for the image's size). Returns each row's reason and detail ("" if valid) and length.
-    """
+    """The datasets.map function of the validation pass: per row, the canonical chat and its texts
+    (ChatEncoder.rendered_chat), each image's header, and the length in tokens (the chat tokenized with one image token
+    per image, plus each image's other tokens). Returns each row's reason and detail ("" if valid) and length."""
 
     def __init__(self, encoder: ChatEncoder):
         self.encoder = encoder
@@ -1482,7 +1279,7 @@ class RowChecker:
         measured = []
         for position in range(size):
             try:
-                example, text, spans = encoder.rendered_chat({column: values[position] for column, values in batch.items()})
+                example, text, spans = encoder.rendered_chat({column: batch[column][position] for column in batch})
                 counts = [self.count(image_size(image, encoder.image_base_dir)) for image in example["images"]]
                 measured.append((position, text, spans, counts))
             except InvalidRowError as e:
@@ -1491,30 +1288,33 @@ class RowChecker:
             return result
         one_token_image = image_text(encoder.processor, 1)
         texts = [text.replace(encoder.placeholder, one_token_image) for _, text, _, _ in measured]
-        encoded = encoder.tokenizer(texts, add_special_tokens=encoder.tokenizer_adds_bos(texts[0]), return_offsets_mapping=True)
-        for (position, text, spans, counts), ids, offsets in zip(measured, encoded["input_ids"], encoded["offset_mapping"]):
+        bos = encoder.tokenizer_adds_bos(texts[0])
+        encoded = encoder.tokenizer(texts, add_special_tokens=bos, return_offsets_mapping=True)
+        for (position, text, spans, counts), ids, offsets in zip(measured, encoded.input_ids, encoded.offset_mapping):
             try:
-                result["length"][position] = self.length(text, spans, counts, np.asarray(ids), np.asarray(offsets))
+                result["length"][position] = self.length(text, spans, counts, np.asarray(ids), offsets)
             except InvalidRowError as e:
                 result["reason"][position], result["detail"][position] = e.reason, e.detail
         return result
 
     def count(self, size: tuple[int, int]) -> int:
-        """The image tokens of an image of `size` (height, width, before --fixed_image_size), from the processor's
-        own arithmetic where it has one (no pixels; e.g. transformers/models/qwen2_5_vl/processing_qwen2_5_vl.py:205,
+        """The image tokens of an image of `size` (height, width, before --fixed_image_size), from the processor's own
+        arithmetic where it has one (no pixels; e.g. transformers/models/qwen2_5_vl/processing_qwen2_5_vl.py:205,
         llava_next/processing_llava_next.py:228, gemma3/processing_gemma3.py:154), else from a blank image's tokens."""
-        encoder = self.encoder
+        encoder, processor = self.encoder, self.encoder.processor
         size = tuple(encoder.data_args.fixed_image_size or size)
         if size not in self.image_tokens:
-            processor = encoder.processor
             try:
                 if hasattr(processor, "_get_num_multimodal_tokens"):
-                    count = processor._get_num_multimodal_tokens(image_sizes=[size], **encoder.image_kwargs)["num_image_tokens"][0]
+                    counted = processor._get_num_multimodal_tokens(image_sizes=[size], **encoder.image_kwargs)
+                    count = counted["num_image_tokens"][0]
                 else:
                     processed = encoder.process([encoder.placeholder], [[Image.new("RGB", size[::-1])]])
                     count = encoder.family.image_token_counts(processor, processed)[0]
                 if len(image_text(processor, count)) != encoder.family.expanded_length(processor, count):
-                    raise RuntimeError(f"image_text does not expand images as MODEL_FAMILIES says for {type(processor).__name__}")
+                    raise RuntimeError(
+                        f"image_text does not expand images as MODEL_FAMILIES says for {type(processor).__name__}"
+                    )
                 self.image_tokens[size] = int(count)
             except (ValueError, ZeroDivisionError) as e:  # e.g. Qwen2.5-VL refuses images 200 times wider than high
                 self.image_tokens[size] = InvalidRowError(
@@ -1524,49 +1324,49 @@ class RowChecker:
             raise self.image_tokens[size]
         return self.image_tokens[size]
 
-    def length(self, text: str, spans: list, counts: list[int], ids: np.ndarray, offsets: np.ndarray) -> int:
+    def length(self, text: str, spans: list, counts: list[int], ids: np.ndarray, offsets) -> int:
         """The row's length once each image has all its tokens; a bad row as the collator's check_fits finds it."""
         encoder = self.encoder
         growth = len(image_text(encoder.processor, 1)) - len(encoder.placeholder)
-        spans = shift_spans_for_images(text, spans, encoder.placeholder, [growth] * len(counts))
-        trained = np.flatnonzero(assistant_token_labels(ids, offsets.reshape(-1, 2)[:, 0], spans) != IGNORE_INDEX)
+        trained = np.flatnonzero(encoder.labels(text, spans, [growth] * len(counts), ids, offsets) != IGNORE_INDEX)
         image_positions = np.flatnonzero(ids == encoder.image_token_id)
         if len(image_positions) != len(counts):
-            raise RuntimeError(f"{len(image_positions)} image tokens for {len(counts)} images in the checked text of {text!r:.200}")
+            raise RuntimeError(f"{len(image_positions)} image tokens for {len(counts)} images in the checked text of "
+                               f"{text!r:.200}")
         # Each image is one token here: the rest of its tokens move every later position.
         added_before = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64) - 1)])
         length = len(ids) + int(added_before[-1])
-        check_fits(length, trained + added_before[np.searchsorted(image_positions, trained)], encoder.data_args.max_seq_length)
+        trained_positions = trained + added_before[np.searchsorted(image_positions, trained)]
+        check_fits(length, trained_positions, encoder.data_args.max_seq_length)
         return length
 
 
 def settle_length_buckets(encoder: ChatEncoder, splits: dict, training_args) -> None:
-    """--padding_strategy bucket without --length_buckets: buckets chosen from the rows' token lengths.
-
-    The lengths are those the validation pass measured (every row, so the largest bucket just holds the longest
-    one), or with --validate_rows none those of a seeded sample (the largest bucket is then --max_seq_length).
-    Every rank computes the same buckets: the same rows (same data, selection and seed), measured by the same
-    deterministic code (ranks after the first read the first one's cached checks), and an exact, deterministic
-    search; training and evaluation batches use them alike.
-    """
+    """--padding_strategy bucket without --length_buckets: buckets from the token lengths the validation pass measured
+    (every row: the largest bucket just holds the longest) or, with --validate_rows none, a seeded sample's (the largest
+    is then --max_seq_length). Every rank chooses the same: same rows, same deterministic measure (ranks after the
+    first read its cached checks) and an exact search; training and evaluation batches use them alike."""
     data_args = encoder.data_args
-    if data_args.padding_strategy != "bucket" or data_args.length_buckets_given:
+    if data_args.padding_strategy != "bucket" or data_args.length_buckets is not None:
         return
     measured = [rows.token_lengths for rows in splits.values()]
     if all(lengths is not None for lengths in measured):
         lengths, source, longest = np.concatenate(measured), "every row", None
     else:
-        lengths, source, longest = sampled_lengths(encoder, splits, training_args.seed), "a sample of rows", data_args.max_seq_length
+        lengths, source = sampled_lengths(encoder, splits, training_args.seed), "a sample of rows"
+        longest = data_args.max_seq_length
     if len(lengths) == 0:
+        data_args.length_buckets = sorted({-(-data_args.max_seq_length * k // 4) for k in (1, 2, 3, 4)})
         return
-    batch_size = training_args.per_device_train_batch_size if "train" in splits else training_args.per_device_eval_batch_size
+    batch_size = training_args.per_device_eval_batch_size
+    if "train" in splits:
+        batch_size = training_args.per_device_train_batch_size
     buckets, padded = choose_length_buckets(lengths, data_args.max_seq_length, batch_size, longest=longest)
     data_args.length_buckets = buckets
     mean = float(np.minimum(lengths, data_args.max_seq_length).mean())
-    logger.info(
-        f"Length buckets {buckets}, chosen from the lengths of {source} ({len(lengths)} rows of {int(lengths.min())} to "
-        f"{int(lengths.max())} tokens): about {100 * (1 - mean / padded):.1f}% padding in batches of {batch_size}."
-    )
+    logger.info(f"Length buckets {buckets}, chosen from the lengths of {source} ({len(lengths)} rows "
+                f"of {int(lengths.min())} to {int(lengths.max())} tokens): about {100 * (1 - mean / padded):.1f}% "
+                f"padding in batches of {batch_size}.")
 
 
 ROWS_SAMPLED_FOR_BUCKETS = 1000
@@ -1579,15 +1379,14 @@ def sampled_lengths(encoder: ChatEncoder, splits: dict, seed: int) -> np.ndarray
     picked = sorted(rng.choice(len(pooled), size=min(len(pooled), ROWS_SAMPLED_FOR_BUCKETS), replace=False))
     checker, lengths = RowChecker(encoder), []
     for rows, positions in itertools.groupby((pooled[i] for i in picked), key=lambda pair: pair[0]):
-        batch = rows.dataset[[int(rows.row_indices[position]) for _, position in positions]]
-        checked = checker(batch)
+        checked = checker(rows.dataset[[int(rows.row_indices[position]) for _, position in positions]])
         lengths += [length for length, reason in zip(checked["length"], checked["reason"]) if not reason]
     return np.asarray(lengths, dtype=np.int64)
 
 
 def choose_length_buckets(lengths, max_seq_length: int, batch_size: int, max_buckets: int = 4, multiple: int = 16,
                           longest: Optional[int] = None) -> tuple[list[int], float]:
-    """At most `max_buckets` lengths, multiples of `multiple` (or --max_seq_length), the largest `longest` or else
+    """At most `max_buckets` lengths, multiples of `multiple` (or max_seq_length), the largest `longest` or else
     holding the longest row, that minimize a random batch's expected padded length; returns them and that length.
 
     A batch of `batch_size` rows is padded to the smallest bucket holding its longest row, which has at most L
@@ -1631,12 +1430,9 @@ def image_text(processor, count: int) -> str:
 
 
 class ChatEncoder:
-    """Turns dataset rows into token ids for the model: the one owner of chat rendering and processor calls.
-
-    A row is normalized to the canonical chat, its images decoded, the chat rendered by the model's own template
-    (with where each assistant turn sits, for training; up to the last assistant turn, for generation), and the
-    batch goes through the processor in one call. The training collator and the generation evaluator both use it.
-    """
+    """Turns dataset rows into token ids: the one owner of chat rendering and processor calls, used by the training
+    collator and the generation evaluator alike. A row becomes the canonical chat, rendered by the model's own
+    template (with where each assistant turn sits, or up to the last one), and a batch is one processor call."""
 
     def __init__(self, processor, family: ModelFamily, schema: DatasetSchema, data_args: DataArguments,
                  image_base_dir: Optional[Path] = None):
@@ -1651,17 +1447,16 @@ class ChatEncoder:
         budget = (data_args.image_min_pixels, data_args.image_max_pixels)
         if any(value is not None for value in budget):
             if family.pixel_budget_kwargs is None:
-                raise UsageError("--image_min_pixels / --image_max_pixels apply to dynamic-resolution families (qwen2_5_vl).")
+                raise UsageError("--image_min_pixels / --image_max_pixels apply to dynamic-resolution families "
+                                 "(qwen2_5_vl).")
             self.image_kwargs.update({k: v for k, v in zip(family.pixel_budget_kwargs, budget) if v is not None})
         # What a row's text must not hold: strings the processor reads as an image, and the tokenizer's markup
         # (<bos>, <eos>, <pad>, <unk> and the special tokens the chat template writes, e.g. <end_of_turn>). Other
         # special tokens are text a row may train on, e.g. Qwen2.5-VL's <|box_start|> in grounding data.
-        markers = [self.placeholder, processor.image_token, *(getattr(processor, f"{k}_token", None) for k in ("boi", "eoi", "video"))]
-        self.image_markers = {marker for marker in markers if marker}
+        markers = [getattr(processor, f"{kind}_token", None) for kind in ("image", "boi", "eoi", "video")]
+        self.image_markers = {marker for marker in [self.placeholder, *markers] if marker}
         tokenizer = self.tokenizer
-        sample = processor.apply_chat_template(
-            [{"role": "user", "content": [text_part("x")]}, {"role": "assistant", "content": [text_part("y")]}], tokenize=False
-        )
+        sample = processor.apply_chat_template(SAMPLE_CHAT, tokenize=False)
         markup = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token}
         markup |= {token for token in tokenizer.all_special_tokens if token in sample}
         reserved = sorted((self.image_markers | markup) - {None, ""}, key=len, reverse=True)
@@ -1688,18 +1483,18 @@ class ChatEncoder:
         return example, text, spans
 
     def canonical_row(self, row: dict) -> dict:
-        """normalize_row, and no text part holding an image placeholder or special token (the processor would count
-        it as an image, or the tokenizer read it as markup)."""
+        """normalize_row, refusing text parts that hold an image placeholder or special token (the processor would
+        count it as an image, or the tokenizer read it as markup)."""
         example = normalize_row(row, self.schema, self.data_args)
         for message in example["messages"]:
             for part in message["content"]:
                 found = part["type"] == "text" and self.reserved_text.search(part["text"])
                 if found:
-                    kind = "image_placeholder" if found.group() in self.image_markers else "special_token"
-                    raise InvalidRowError(
-                        f"{kind}_in_text", f"the {message['role']} text holds {found.group()!r}, which this model's "
-                        f"{'processor reads as an image' if kind == 'image_placeholder' else 'tokenizer reads as markup'}"
-                    )
+                    kind, reads = "image_placeholder", "processor reads as an image"
+                    if found.group() not in self.image_markers:
+                        kind, reads = "special_token", "tokenizer reads as markup"
+                    raise InvalidRowError(f"{kind}_in_text", f"the {message['role']} text holds {found.group()!r}, "
+                                          f"which this model's {reads}")
         return example
 
     @staticmethod
@@ -1737,51 +1532,47 @@ class ChatEncoder:
         """The processor call: texts and their images, <bos> added only where the chat template did not write it."""
         with_images = any(images)
         return self.processor(
-            text=texts,
-            images=images if with_images else None,
-            add_special_tokens=self.tokenizer_adds_bos(texts[0]),
-            padding="longest",
-            padding_side=padding_side,
-            **(self.image_kwargs if with_images else {}),
-            **kwargs,
+            text=texts, images=images if with_images else None, add_special_tokens=self.tokenizer_adds_bos(texts[0]),
+            padding="longest", padding_side=padding_side, **(self.image_kwargs if with_images else {}), **kwargs,
         )
 
     def tokenizer_adds_bos(self, rendered: str) -> bool:
-        """Whether the tokenizer should add <bos>: only when the chat template did not write it already.
-
-        Gemma's template writes it (and its tokenizer would add a second one); LLaVA-NeXT's does not.
-        """
+        """Whether the tokenizer should add <bos>: only when the chat template did not write it already (Gemma's
+        template writes it, and its tokenizer would add a second one; LLaVA-NeXT's does not)."""
         bos = self.tokenizer.bos_token
         return bool(bos) and not rendered.startswith(bos)
 
     def encode(self, chats: list[tuple[str, list, list]]) -> tuple[list[EncodedRow], dict]:
         """Encode (text, assistant spans, images) triples in one processor call: one EncodedRow each (labels keep
         the assistant's tokens only), and the processor's output, whose per-image inputs `image_inputs` selects."""
-        texts, images = [text for text, _, _ in chats], [row_images for _, _, row_images in chats]
-        processed = self.process(texts, images, return_offsets_mapping=True)
-        counts = self.family.image_token_counts(self.processor, processed) if any(images) else []
+        processed = self.process([chat[0] for chat in chats], [chat[2] for chat in chats], return_offsets_mapping=True)
+        counts = self.family.image_token_counts(self.processor, processed) if any(chat[2] for chat in chats) else []
         growths = [self.family.expanded_length(self.processor, n) - len(self.placeholder) for n in counts]
+        token_type_ids = processed.get("token_type_ids")
         encoded, image_start = [], 0
-        for index, (text, spans, row_images) in enumerate(chats):
-            images_here = slice(image_start, image_start + len(row_images))
-            image_start += len(row_images)
+        for index, (text, spans, images) in enumerate(chats):
+            images_here = slice(image_start, image_start + len(images))
+            image_start += len(images)
             length = int(np.sum(processed["attention_mask"][index]))
             input_ids = np.asarray(processed["input_ids"][index][:length], dtype=np.int64)
-            if np.count_nonzero(input_ids == self.image_token_id) != sum(counts[images_here]):
-                raise ValueError(
-                    f"The processor produced {np.count_nonzero(input_ids == self.image_token_id)} image tokens, the "
-                    f"model family table expects {sum(counts[images_here])}; MODEL_FAMILIES does not match this processor."
-                )
-            token_starts = np.asarray(processed["offset_mapping"][index][:length], dtype=np.int64).reshape(-1, 2)[:, 0]
-            spans = shift_spans_for_images(text, spans, self.placeholder, growths[images_here])
-            token_type_ids = processed.get("token_type_ids")
-            encoded.append(EncodedRow(
-                input_ids,
-                assistant_token_labels(input_ids, token_starts, spans),
-                None if token_type_ids is None else np.asarray(token_type_ids[index][:length], dtype=np.int64),
-                images_here,
-            ))
+            produced = np.count_nonzero(input_ids == self.image_token_id)
+            if produced != sum(counts[images_here]):
+                raise ValueError(f"The processor produced {produced} image tokens, the model family table expects "
+                                 f"{sum(counts[images_here])}; MODEL_FAMILIES does not match this processor.")
+            offsets = processed["offset_mapping"][index][:length]
+            labels = self.labels(text, spans, growths[images_here], input_ids, offsets)
+            types = None if token_type_ids is None else np.asarray(token_type_ids[index][:length], dtype=np.int64)
+            encoded.append(EncodedRow(input_ids, labels, types, images_here))
         return encoded, processed
+
+    def labels(self, text: str, spans: list, growths: list[int], input_ids: np.ndarray, offsets) -> np.ndarray:
+        """The labels of a tokenized chat: spans found in the rendered `text` are moved to where they sit once the k-th
+        image's placeholder grew by growths[k] characters; a token is trained when it starts inside one."""
+        shifted = []
+        for start, end in spans:
+            shift = sum(growths[: text.count(self.placeholder, 0, start)])
+            shifted.append((start + shift, end + shift))
+        return assistant_token_labels(input_ids, np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0], shifted)
 
     def processor_errors(self, chats: list[tuple[str, list, list]]) -> dict[int, InvalidRowError]:
         """After the processor rejected a batch: the rows it rejects on their own, each as a bad row."""
@@ -1791,7 +1582,8 @@ class ChatEncoder:
                 self.process([text], [images])
             # Anything, StopIteration included (LLaVA-NeXT's processor raises it for a surplus <image>).
             except Exception as e:
-                errors[index] = InvalidRowError("processor_error", f"the processor rejected it: {type(e).__name__}: {e}")
+                error = f"the processor rejected it: {type(e).__name__}: {e}"
+                errors[index] = InvalidRowError("processor_error", error)
         return errors
 
     def image_inputs(self, processed: dict, kept: list[int]) -> dict:
@@ -1808,28 +1600,16 @@ class ChatEncoder:
         return inputs
 
     def stand_in_row(self) -> EncodedRow:
-        """A one-token row with nothing trained, for a batch whose rows were all skipped: zero gradient.
-
-        Returning no batch would crash the trainer, and on several ranks a rank that skipped its step would leave
-        the others waiting in the gradient all-reduce. The token is <bos>, or <pad> for families without one.
-        """
+        """A one-token row with nothing trained (<bos>, or <pad> without one), for a batch whose rows were all skipped:
+        no batch would crash the trainer, and on several ranks leave the others waiting in the gradient all-reduce."""
         token = self.tokenizer.bos_token_id
         token = self.pad_token_id if token is None else token
-        with_token_types = "token_type_ids" in self.processor.model_input_names
-        return EncodedRow(
-            np.array([token]), np.array([IGNORE_INDEX]), np.zeros(1, dtype=np.int64) if with_token_types else None, slice(0, 0)
-        )
-
-    def marked_text(self, input_ids, labels) -> str:
-        """A row decoded with the trained stretches in [[...]] and long runs of one token (images) collapsed."""
-        return format_trained_tokens(self.tokenizer, input_ids, labels)
+        token_types = np.zeros(1, dtype=np.int64) if "token_type_ids" in self.processor.model_input_names else None
+        return EncodedRow(np.array([token]), np.array([IGNORE_INDEX]), token_types, slice(0, 0))
 
     def decode(self, token_ids) -> list[str]:
         """Generated continuations as text, special tokens left out."""
         return self.processor.batch_decode(token_ids, skip_special_tokens=True)
-
-    def end_of_turn_token_id(self) -> Optional[int]:
-        return end_of_turn_token_id(self.processor)
 
 
 @dataclass
@@ -1841,13 +1621,14 @@ class EncodedRow:
     row_index: int = -1  # in its split; -1 for a stand-in row
 
 
-def render_with_assistant_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render a chat and find, in characters, what each assistant turn contributes.
+# A chat of one question and one answer: what a template writes around turns.
+SAMPLE_CHAT = [{"role": "user", "content": [text_part("x")]}, {"role": "assistant", "content": [text_part("y")]}]
 
-    The spans come from the chat template itself: turn i spans from the end of the conversation so far
-    rendered with a generation prompt to the end of the conversation including turn i; trailing
-    whitespace is left out so the end-of-turn token is trained but not the newline after it.
-    """
+
+def render_with_assistant_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render a chat and find, in characters, what each assistant turn contributes, from the template itself: turn i
+    spans from the end of the chat so far rendered with a generation prompt to the end of the chat including turn i,
+    trailing whitespace left out (the end-of-turn token is trained, not the newline after it)."""
     text = processor.apply_chat_template(messages, tokenize=False)
     spans = []
     for index, message in enumerate(messages):
@@ -1855,41 +1636,24 @@ def render_with_assistant_spans(processor, messages: list[dict]) -> tuple[str, l
             continue
         prompt = processor.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
         # Up to the last message is the whole conversation, rendered already.
-        upto = text if index + 1 == len(messages) else processor.apply_chat_template(messages[: index + 1], tokenize=False)
-        upto = upto.rstrip()
+        last = index + 1 == len(messages)
+        upto = (text if last else processor.apply_chat_template(messages[: index + 1], tokenize=False)).rstrip()
         if not (upto.startswith(prompt) and text.startswith(upto)):
-            raise UsageError(
-                "The chat template does not render conversations as growing prefixes, so assistant tokens "
-                "cannot be located; this template is not supported."
-            )
+            raise UsageError("The chat template does not render conversations as growing prefixes, so assistant tokens "
+                             "cannot be located; this template is not supported.")
         spans.append((len(prompt), len(upto)))
     return text, spans
 
 
 def end_of_turn_token_id(processor) -> Optional[int]:
     """The token that closes an assistant turn, read off the chat template (e.g. <end_of_turn>, <|im_end|>)."""
-    messages = [{"role": "user", "content": [text_part("x")]}, {"role": "assistant", "content": [text_part("y")]}]
-    text, [(start, end)] = render_with_assistant_spans(processor, messages)
+    text, [(start, end)] = render_with_assistant_spans(processor, SAMPLE_CHAT)
     marker = text[start:end].split("y", 1)[1].strip()
     ids = processor.tokenizer(marker, add_special_tokens=False).input_ids if marker else []
     return ids[0] if ids else None
 
 
-def shift_spans_for_images(text: str, spans: list, placeholder: str, growths: list[int]) -> list[tuple[int, int]]:
-    """Move spans found in the rendered text to where they sit once the processor expanded each image.
-
-    `growths[k]` is how many characters longer the k-th image's placeholder became.
-    """
-    shifted = []
-    for start, end in spans:
-        shift = sum(growths[: text.count(placeholder, 0, start)])
-        shifted.append((start + shift, end + shift))
-    return shifted
-
-
-def assistant_token_labels(
-    input_ids: np.ndarray, token_starts: np.ndarray, spans: list[tuple[int, int]]
-) -> np.ndarray:
+def assistant_token_labels(input_ids: np.ndarray, token_starts: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
     """Labels that keep a token only when it starts inside an assistant span (positions in the processed text)."""
     trained = np.zeros(len(input_ids), dtype=bool)
     for start, end in spans:
@@ -1909,18 +1673,14 @@ def format_trained_tokens(tokenizer, input_ids, labels) -> str:
 
 def decode_collapsing_runs(tokenizer, ids: list[int], min_run: int = 4) -> str:
     """Decode whole stretches (so word spacing survives), writing a run of >= min_run equal tokens as tok×n."""
-    pieces, stretch = [], []
-    for token, run in itertools.groupby(ids):
-        count = len(list(run))
-        if count < min_run:
-            stretch += [token] * count
-            continue
-        if stretch:
+    runs = [(token, len(list(run))) for token, run in itertools.groupby(ids)]
+    pieces = []
+    for collapsed, group in itertools.groupby(runs, key=lambda run: run[1] >= min_run):
+        if collapsed:
+            pieces += [f"{tokenizer.decode([token], skip_special_tokens=False)}×{count}" for token, count in group]
+        else:
+            stretch = [token for token, count in group for _ in range(count)]
             pieces.append(tokenizer.decode(stretch, skip_special_tokens=False))
-            stretch = []
-        pieces.append(f"{tokenizer.decode([token], skip_special_tokens=False)}×{count}")
-    if stretch:
-        pieces.append(tokenizer.decode(stretch, skip_special_tokens=False))
     return "".join(pieces)
 
 
@@ -1930,13 +1690,10 @@ def decode_collapsing_runs(tokenizer, ids: list[int], min_run: int = 4) -> str:
 
 
 class VisionChatCollator:
-    """Turns dataset rows into model batches that train on assistant tokens only.
-
-    Rows are encoded here, per batch (the start-up validation pass only checks them, from image headers). What this
-    adds to the encoder: bad rows it still finds (pixel data that does not decode, or with --validate_rows none)
-    raise (`--invalid_rows error`) or are counted and dropped (`skip`), --max_seq_length, and padding to the lengths
-    --padding_strategy allows.
-    """
+    """Turns dataset rows into model batches that train on assistant tokens only, encoding them per batch (the
+    validation pass only checks them). What this adds to the encoder: bad rows it still finds (pixels that do not
+    decode, or with --validate_rows none) stop the run or are dropped (--invalid_rows), --max_seq_length, and padding
+    to the lengths --padding_strategy allows."""
 
     def __init__(self, encoder: ChatEncoder, data_args: DataArguments, skipped_rows: SkippedRows,
                  extra_model_inputs: Optional[dict] = None):
@@ -1973,7 +1730,7 @@ class VisionChatCollator:
         return self.pad(fitted, processed, len(features))
 
     def encode(self, kept: list[dict], chats: list) -> tuple[list[dict], list[EncodedRow], dict]:
-        """Encode the batch; where the processor rejects it, the rows it rejects alone are bad rows, the rest are
+        """Encode the batch; where the processor rejects it, the rows it rejects alone are bad rows and the rest are
         encoded without them. An error no single row causes is no row's fault, and is raised."""
         if not chats:
             return [], [], {}
@@ -1991,7 +1748,7 @@ class VisionChatCollator:
     def marked_text(self, feature: dict) -> str:
         """One row as the model gets it, with the trained tokens in [[...]]."""
         batch = self([feature])
-        return self.encoder.marked_text(batch["input_ids"][0], batch["labels"][0])
+        return format_trained_tokens(self.encoder.tokenizer, batch["input_ids"][0], batch["labels"][0])
 
     def fit_length(self, row: EncodedRow, feature: dict) -> EncodedRow:
         """Apply --max_seq_length: cut only the tail of the last answer, never an image or a whole answer."""
@@ -1999,43 +1756,35 @@ class VisionChatCollator:
         check_fits(len(row.input_ids), np.flatnonzero(row.labels != IGNORE_INDEX), limit)
         if len(row.input_ids) <= limit:
             return row
-        self.skipped_rows.reject(feature, InvalidRowError("answer_truncated", f"{len(row.input_ids)} tokens cut to {limit}"), "truncated")
-        return dataclasses.replace(
-            row,
-            input_ids=row.input_ids[:limit],
-            labels=row.labels[:limit],
-            token_type_ids=None if row.token_type_ids is None else row.token_type_ids[:limit],
-        )
+        truncated = InvalidRowError("answer_truncated", f"{len(row.input_ids)} tokens cut to {limit}")
+        self.skipped_rows.reject(feature, truncated, "truncated")
+        token_type_ids = None if row.token_type_ids is None else row.token_type_ids[:limit]
+        return dataclasses.replace(row, input_ids=row.input_ids[:limit], labels=row.labels[:limit],
+                                   token_type_ids=token_type_ids)
 
     def padded_length(self, longest: int) -> int:
-        strategy = self.data_args.padding_strategy
+        strategy, max_seq_length = self.data_args.padding_strategy, self.data_args.max_seq_length
         if strategy == "max_length":
-            return self.data_args.max_seq_length
+            return max_seq_length
         if strategy == "bucket":
             # Rows are cut to --max_seq_length, so it holds any row longer than buckets chosen from measured lengths.
-            return next((length for length in self.data_args.length_buckets if length >= longest), self.data_args.max_seq_length)
+            return next((length for length in self.data_args.length_buckets if length >= longest), max_seq_length)
         return longest
 
     def pad(self, rows: list[EncodedRow], processed: dict, batch_size: int) -> dict:
         if not rows:
             rows = [self.encoder.stand_in_row()] * batch_size
         length = self.padded_length(max(len(r.input_ids) for r in rows))
-        batch = {
-            "input_ids": torch.full((len(rows), length), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(rows), length), dtype=torch.long),
-            "labels": torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long),
-        }
-        has_token_types = rows[0].token_type_ids is not None
-        if has_token_types:
-            batch["token_type_ids"] = torch.zeros((len(rows), length), dtype=torch.long)
+        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        if rows[0].token_type_ids is not None:
+            fill["token_type_ids"] = 0
+        batch = {key: torch.full((len(rows), length), value, dtype=torch.long) for key, value in fill.items()}
         kept_images = []
         for i, row in enumerate(rows):
-            n = len(row.input_ids)
-            batch["input_ids"][i, :n] = torch.from_numpy(row.input_ids)
-            batch["attention_mask"][i, :n] = 1
-            batch["labels"][i, :n] = torch.from_numpy(row.labels)
-            if has_token_types:
-                batch["token_type_ids"][i, :n] = torch.from_numpy(row.token_type_ids)
+            values = {"input_ids": row.input_ids, "attention_mask": 1, "labels": row.labels,
+                      "token_type_ids": row.token_type_ids}
+            for key in fill:
+                batch[key][i, : len(row.input_ids)] = torch.as_tensor(values[key])
             kept_images.extend(range(row.image_slice.start, row.image_slice.stop))
         if kept_images:
             batch.update(self.encoder.image_inputs(processed, kept_images))
@@ -2063,11 +1812,8 @@ def check_fits(length: int, trained_positions: np.ndarray, limit: int) -> None:
 
 
 def dry_run_data(args: ScriptArguments) -> dict:
-    """--dry_run_data N: build N training batches as training would and check them, without loading the model.
-
-    The encoder checks every row's image-token count against the family table; here each row must also have at
-    least one trained token and exactly one <bos>. Returns what was checked.
-    """
+    """--dry_run_data N: build N training batches as training would and check them, without loading the model. The
+    encoder checks image-token counts; here each row must also have a trained token and exactly one <bos>."""
     setup_run(args.training)
     _, family, processor = load_processor(args.model)
     splits, schema, image_base_dir = load_data(args.data, args.training, args.model.cache_dir)
@@ -2077,10 +1823,9 @@ def dry_run_data(args: ScriptArguments) -> dict:
     settle_length_buckets(encoder, splits, args.training)
     collator = VisionChatCollator(encoder, args.data, skipped_rows)
     rows = splits.get("train") or next(iter(splits.values()))
-    batch_size, num_batches = args.training.per_device_train_batch_size, args.run.dry_run_data
-    bos = processor.tokenizer.bos_token_id
+    batch_size, bos = args.training.per_device_train_batch_size, processor.tokenizer.bos_token_id
     checked = collections.Counter()
-    for start in range(0, min(num_batches * batch_size, len(rows)), batch_size):
+    for start in range(0, min(args.run.dry_run_data * batch_size, len(rows)), batch_size):
         features = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
         batch = collator(features)
         real = batch["row_ids"] >= 0
@@ -2093,9 +1838,8 @@ def dry_run_data(args: ScriptArguments) -> dict:
         kept = set(batch["row_ids"].tolist())
         checked["batches"] += 1
         checked["rows"] += int(real.sum())
-        checked["images"] += sum(
-            len(as_image_list(f["row"].get(schema.image_column))) for f in features if f["row_index"] in kept
-        )
+        kept_features = [feature for feature in features if feature["row_index"] in kept]
+        checked["images"] += sum(len(as_image_list(f["row"].get(schema.image_column))) for f in kept_features)
     log_trained_sample(collator, {"train": rows})
     logger.info(f"Dry run passed: {dict(checked)}; every row has trained tokens and one <bos>.")
     return dict(checked)
@@ -2104,9 +1848,9 @@ def dry_run_data(args: ScriptArguments) -> dict:
 def log_trained_sample(collator: VisionChatCollator, splits: dict) -> None:
     """Show one encoded row with its trained tokens marked, so a wrong mask is visible before training."""
     rows = splits.get("train") or splits.get("eval")
-    if rows is None or len(rows) == 0:
-        return
-    logger.info(f"Sample {rows.split} row {rows.row_indices[0]}, trained tokens in [[...]]:\n{collator.marked_text(rows[0])}")
+    if rows is not None and len(rows):
+        marked = collator.marked_text(rows[0])
+        logger.info(f"Sample {rows.split} row {rows.row_indices[0]}, trained tokens in [[...]]:\n{marked}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2115,15 +1859,15 @@ def log_trained_sample(collator: VisionChatCollator, splits: dict) -> None:
 
 
 def load_model(model_args: ModelArguments, training_args, config):
+    if model_args.torch_dtype != "auto":
+        dtype = getattr(torch, model_args.torch_dtype)
+    else:
+        dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    attention = training_args.attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(
-        model_args.model_name_or_path,
-        config=config,
-        torch_dtype=resolve_dtype(model_args, training_args),
+        model_args.model_name_or_path, config=config, torch_dtype=dtype,
         # Gaudi's fused attention is switched on per forward call (see hpu_model_inputs), not at load time.
-        attn_implementation="eager" if training_args.attn_implementation == "gaudi_fused_sdpa" else training_args.attn_implementation,
-        cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision,
-        trust_remote_code=model_args.trust_remote_code,
+        attn_implementation="eager" if attention == "gaudi_fused_sdpa" else attention, **hub_kwargs(model_args),
     )
     # The KV cache is useless in training and conflicts with gradient checkpointing.
     model.config.use_cache = False
@@ -2135,25 +1879,21 @@ def load_model(model_args: ModelArguments, training_args, config):
     return model
 
 
-def resolve_dtype(model_args: ModelArguments, training_args) -> torch.dtype:
-    if model_args.torch_dtype != "auto":
-        return getattr(torch, model_args.torch_dtype)
-    if training_args.bf16:
-        return torch.bfloat16
-    return torch.float16 if training_args.fp16 else torch.float32
-
-
 def apply_lora(model, lora_args: LoraArguments, family: ModelFamily):
     from peft import LoraConfig, get_peft_model
 
+    requested = lora_args.lora_target_modules
+    if not requested:
+        targets = default_lora_targets(model, family, lora_args)
+    elif len(requested) == 1 and re.search(r"[\^\$\*\+\?\[\]\(\)\|\\]", requested[0]):
+        targets = requested[0]  # one regular expression
+    else:
+        targets = list(requested)
     config = LoraConfig(
-        r=lora_args.lora_rank,
-        lora_alpha=lora_args.lora_alpha,
-        lora_dropout=lora_args.lora_dropout,
-        target_modules=lora_targets(model, family, lora_args),
+        r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
+        target_modules=targets, task_type="CAUSAL_LM",
         # Trained in full and saved with the adapter.
         modules_to_save=[module_named(model, family.projector)[0]] if lora_args.train_projector else None,
-        task_type="CAUSAL_LM",
     )
     try:
         model = get_peft_model(model, config)
@@ -2163,15 +1903,6 @@ def apply_lora(model, lora_args: LoraArguments, family: ModelFamily):
     logger.info(f"LoRA targets: {config.target_modules}")
     logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     return model
-
-
-def lora_targets(model, family: ModelFamily, lora_args: LoraArguments):
-    requested = lora_args.lora_target_modules
-    if not requested:
-        return default_lora_targets(model, family, lora_args)
-    if len(requested) == 1 and re.search(r"[\^\$\*\+\?\[\]\(\)\|\\]", requested[0]):
-        return requested[0]
-    return list(requested)
 
 
 def default_lora_targets(model, family: ModelFamily, lora_args: LoraArguments) -> str:
@@ -2216,13 +1947,8 @@ def build_trainer(model, training_args, model_args, run_args, processor, splits,
     monitor = TrainingLossMonitor(run_args.non_finite_loss, splits["train"].split if "train" in splits else "train")
     model.register_forward_pre_hook(monitor.take_batch_extras, with_kwargs=True)
     common = dict(
-        model=model,
-        args=training_args,
-        train_dataset=splits.get("train"),
-        eval_dataset=splits.get("eval"),
-        data_collator=collator,
-        processing_class=processor,
-        compute_loss_func=monitor.loss,
+        model=model, args=training_args, train_dataset=splits.get("train"), eval_dataset=splits.get("eval"),
+        data_collator=collator, processing_class=processor, compute_loss_func=monitor.loss,
         # Preemption first: the checkpoint it asks for at a step end is then a save the monitor checks before.
         callbacks=[PreemptionHandler(), monitor],
     )
@@ -2241,12 +1967,10 @@ def build_trainer(model, training_args, model_args, run_args, processor, splits,
 class TrainingLossMonitor(transformers.TrainerCallback):
     """The trainer's loss function, plus what it sees: batch shapes, non-finite losses, the evaluation loss.
 
-    It reads no device value between the trainer's own syncs (logging, saving, evaluating, the end): on Gaudi
-    each read stalls the host until the device queue drains. A non-finite training loss is flagged on the
-    device and its batch contributes no gradient; at the next of those syncs the run stops naming the step and
-    rows, or with `non_finite_loss="skip"` goes on, counting the batch. While evaluating, per-row loss sums give
-    the per-token mean over the split. A forward pre-hook takes the batch's `row_ids` out before the model
-    sees them and notes its `logits_to_keep`.
+    It reads no device value between the trainer's own syncs (logging, saving, evaluating, the end): on Gaudi each
+    read stalls the host until the device queue drains. A non-finite training loss is flagged on the device and its
+    batch contributes no gradient; at the next sync the run stops naming the step and rows, or (non_finite_loss
+    "skip") goes on, counting the batch. A forward pre-hook takes `row_ids` out of the batch and notes `logits_to_keep`.
     """
 
     def __init__(self, non_finite_loss: str = "error", split: str = "train"):
@@ -2317,8 +2041,7 @@ class TrainingLossMonitor(transformers.TrainerCallback):
             self.check_non_finite(state.global_step)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
-            self.check_non_finite(state.global_step)
+        self.on_step_end(args, state, control)
         logger.info(f"Epoch {state.epoch:.2f}: {self.describe_shapes('train')}")
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -2345,16 +2068,14 @@ class TrainingLossMonitor(transformers.TrainerCallback):
         seen = (f"{count} batch{'es' if count > 1 else ''} with a non-finite loss in steps {since + 1}-{step}, "
                 "each contributing no gradient")
         if self.non_finite_loss == "error":
-            raise FloatingPointError(
-                f"Non-finite loss ({bad['loss'].item()}) at {where} ({seen}). Check these rows and the learning "
-                "rate, or pass --non_finite_loss skip to drop such batches."
-            )
+            raise FloatingPointError(f"Non-finite loss ({bad['loss'].item()}) at {where} ({seen}). Check these rows "
+                                     "and the learning rate, or pass --non_finite_loss skip to drop such batches.")
         self.skipped_batches += count
         logger.warning(f"Skipped {seen}; the first at {where}.")
         bad["count"].zero_()
 
     def start_evaluation(self, dataset, device) -> None:
-        # One slot per row index of the split, plus one for stand-in rows (row id -1).
+        """While evaluating, per-row loss sums (one slot per row index of the split, plus one for stand-in rows)."""
         row_indices = getattr(dataset, "row_indices", None)
         slots = (int(np.max(row_indices)) + 2) if row_indices is not None and len(row_indices) else 1
         self.evaluation = torch.zeros((slots, 2), dtype=torch.float32, device=device)
@@ -2362,8 +2083,7 @@ class TrainingLossMonitor(transformers.TrainerCallback):
     def evaluation_loss(self, outputs, labels) -> torch.Tensor:
         token_losses, trained = next_token_losses(outputs, labels)
         per_row = torch.stack([token_losses.sum(dim=1), trained.sum(dim=1).float()], dim=1)
-        stand_in = len(self.evaluation) - 1
-        slots = torch.where(self.row_ids >= 0, self.row_ids, stand_in)
+        slots = torch.where(self.row_ids >= 0, self.row_ids, len(self.evaluation) - 1)
         # Copied, not added: a row accelerate repeats to even out the ranks' last batches counts once.
         self.evaluation.index_copy_(0, slots, per_row)
         return per_row[:, 0].sum() / per_row[:, 1].sum().clamp(min=1)
@@ -2381,15 +2101,12 @@ class TrainingLossMonitor(transformers.TrainerCallback):
 
 
 def kept_logit_positions(labels: torch.Tensor) -> torch.Tensor:
-    """The model's `logits_to_keep`: the positions whose next token is trained in some row of the batch.
-
-    Padded with the last position (whose next token is never trained) to a power of two, at least 16 and at
-    most the length, so that few shapes occur. Built by the collator, on the host. Every family's forward
-    takes it as a tensor of positions: transformers 4.55.4 models/gemma3/modeling_gemma3.py:1095,
-    qwen2_5_vl/modeling_qwen2_5_vl.py:1515, llava_next/modeling_llava_next.py:690; optimum-habana 1.21.2
-    transformers/models/gemma3/modeling_gemma3.py:940,999, qwen2_5_vl/modeling_qwen2_5_vl.py:1065,
-    llava_next/modeling_llava_next.py:130 (to the upstream forward).
-    """
+    """The model's `logits_to_keep`: the positions whose next token is trained in some row of the batch, padded with
+    the last position (whose next token is never trained) to a power of two, at least 16 and at most the length, so
+    that few shapes occur. Every family's forward takes a tensor of positions: transformers 4.55.4 models/gemma3/
+    modeling_gemma3.py:1095, qwen2_5_vl/modeling_qwen2_5_vl.py:1515, llava_next/modeling_llava_next.py:690;
+    optimum-habana 1.21.2 transformers/models/gemma3/modeling_gemma3.py:940,999, qwen2_5_vl/modeling_qwen2_5_vl.py:
+    1065, llava_next/modeling_llava_next.py:130 (to the upstream forward)."""
     length = labels.shape[1]
     needed = torch.nonzero((labels[:, 1:] != IGNORE_INDEX).any(dim=0)).flatten()
     size = min(length, max(16, 1 << (len(needed) - 1).bit_length()))
@@ -2404,22 +2121,16 @@ def labels_at_kept_positions(labels: torch.Tensor, kept_positions: torch.Tensor)
 
 
 def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Next-token cross-entropy over trained tokens, in float32, with static shapes.
-
-    `labels[:, t + 1]` is the target of `logits[:, t]`: the batch's labels when the logits cover every
-    position, `labels_at_kept_positions` when they cover some. The sum is divided by the number of trained
-    tokens in the whole gradient-accumulation window (the trainer's `num_items_in_batch`), so accumulating N
-    batches of 1 gives the gradient of one batch of N.
-    """
+    """Next-token cross-entropy over trained tokens (`labels[:, t + 1]` is the target of `logits[:, t]`), in float32,
+    with static shapes. The sum is divided by the trained tokens of the whole gradient-accumulation window (the
+    trainer's `num_items_in_batch`), so accumulating N batches of 1 gives the gradient of one batch of N."""
     token_losses, trained = next_token_losses(outputs, labels)
     loss_sum = token_losses.sum()
     if num_items_in_batch is None:
         num_items_in_batch = trained.sum()
     if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss_sum.device).clamp(min=1)
-    else:
-        num_items_in_batch = max(int(num_items_in_batch), 1)
-    return loss_sum / num_items_in_batch
+        return loss_sum / num_items_in_batch.to(loss_sum.device).clamp(min=1)
+    return loss_sum / max(int(num_items_in_batch), 1)
 
 
 def next_token_losses(outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2437,12 +2148,9 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a job th
 
 
 class PreemptionHandler(transformers.TrainerCallback):
-    """On SIGTERM (what schedulers send before preempting), finish the step, save a checkpoint and stop.
-
-    On several ranks the request is agreed on after every step, so all ranks stop at the same one: a MAX over
-    a CPU flag in a gloo group of its own, so the host never waits for the device (a flag on the HPU would be
-    reduced by HCCL and reading it back would drain the device's queue every step).
-    """
+    """On SIGTERM (what schedulers send before preempting), finish the step, save a checkpoint and stop. Ranks agree
+    on it after every step, so all stop at the same one: a MAX over a CPU flag in a gloo group of its own, so the host
+    never waits for the device (a flag on the HPU, reduced by HCCL, would drain the device's queue every step)."""
 
     def __init__(self):
         self.requested = False
@@ -2474,12 +2182,9 @@ class PreemptionHandler(transformers.TrainerCallback):
 
 
 class WholeSplitEvaluation:
-    """Trainer mixin: evaluation sees every row of the split, and its loss is the per-token mean over it.
-
-    Trainer and GaudiTrainer average per-batch means (transformers/trainer.py evaluation_loop; optimum/habana/
-    transformers/trainer.py:2263-2265), which weighs a short answer like a long one and differs with the batch
-    size; TrainingLossMonitor sums per row instead.
-    """
+    """Trainer mixin: evaluation sees every row of the split, and its loss is the per-token mean over it. Trainer and
+    GaudiTrainer average per-batch means (transformers/trainer.py evaluation_loop; optimum/habana/transformers/
+    trainer.py:2263-2265), weighing a short answer like a long one and varying with the batch size."""
 
     def _get_dataloader(self, *args, is_training: bool = False, **kwargs):
         if is_training or not self.args.dataloader_drop_last:
@@ -2513,12 +2218,9 @@ def gaudi_trainer_class():
     from optimum.habana import GaudiTrainer
 
     class TokenCountingGaudiTrainer(WholeSplitEvaluation, GaudiTrainer):
-        """GaudiTrainer whose trained-token count for the accumulation window works with unequal lengths.
-
-        GaudiTrainer concatenates the window's labels to count them; when micro-batches differ in length
-        (bucket or longest padding) that fails silently and the loss is then not normalized over the window.
-        The stock Trainer sums per micro-batch instead.
-        """
+        """GaudiTrainer whose trained-token count for the accumulation window works with unequal lengths: GaudiTrainer
+        concatenates the window's labels to count them, which fails silently when micro-batches differ in length
+        (bucket or longest padding), leaving the loss not normalized over the window; Trainer sums per micro-batch."""
 
         def get_batch_samples_transformers(self, epoch_iterator, num_batches, device):
             return Trainer.get_batch_samples(self, epoch_iterator, num_batches, device)
@@ -2528,20 +2230,22 @@ def gaudi_trainer_class():
 
 def train_and_save(trainer, num_rows: int) -> None:
     """Train (resuming from the checkpoint the arguments settled on), then save the adapter, processor and metrics."""
-    log_training_plan(trainer.args, num_rows)
+    args = trainer.args
+    per_device, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    logger.info(f"Running training on {num_rows} rows: world size {args.world_size}, per-device batch {per_device}, "
+                f"gradient accumulation {accumulation}, effective batch size "
+                f"{per_device * args.world_size * accumulation}")
     preemption = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionHandler))
     previous_handler = preemption.install()
     try:
-        train_result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     if preemption.stopped_at_step is not None:
         # Every rank waits for the checkpoint: the first rank to exit would end an MPI job while rank 0 still writes.
         trainer.accelerator.wait_for_everyone()
-        logger.error(
-            f"Preempted (SIGTERM): stopped after step {preemption.stopped_at_step} with a checkpoint in "
-            f"{trainer.args.output_dir}. Resume with the same command."
-        )
+        logger.error(f"Preempted (SIGTERM): stopped after step {preemption.stopped_at_step} with a checkpoint in "
+                     f"{args.output_dir}. Resume with the same command.")
         raise SystemExit(PREEMPTED_EXIT_CODE)
     trainer.save_model()
     metrics = {**train_result.metrics, "train_samples": num_rows}
@@ -2550,21 +2254,12 @@ def train_and_save(trainer, num_rows: int) -> None:
     trainer.save_state()
 
 
-def log_training_plan(training_args, num_rows: int) -> None:
-    per_device = training_args.per_device_train_batch_size
-    accumulation = training_args.gradient_accumulation_steps
-    logger.info(
-        f"Running training on {num_rows} rows: world size {training_args.world_size}, per-device batch {per_device}, "
-        f"gradient accumulation {accumulation}, effective batch size {per_device * training_args.world_size * accumulation}"
-    )
-
-
 # ---------------------------------------------------------------------------------------------------
 # Evaluation: loss, generation and answer metrics
 # ---------------------------------------------------------------------------------------------------
 
 
-def evaluate_splits(trainer, splits: dict, generator: Optional["GenerationEvaluator"], before: dict) -> None:
+def evaluate_splits(trainer, splits: dict, generator: Optional[GenerationEvaluator], before: dict) -> None:
     """Evaluate the eval split (--do_eval) and the test split (--do_predict); log and save their metrics."""
     evaluated = {}
     for stage, prefix in (("eval", "eval"), ("test", "predict")):
@@ -2577,15 +2272,19 @@ def evaluate_splits(trainer, splits: dict, generator: Optional["GenerationEvalua
         log_before_and_after(before, evaluated["eval"])
 
 
-def evaluate_split(trainer, rows: IndexedRows, prefix: str, generator: Optional["GenerationEvaluator"]) -> dict:
+def evaluate_split(trainer, rows: IndexedRows, prefix: str, generator: Optional[GenerationEvaluator]) -> dict:
     """Loss and perplexity over assistant tokens, plus generation metrics when asked; logged and returned."""
-    metrics = add_perplexity(trainer.evaluate(eval_dataset=rows, metric_key_prefix=prefix), prefix)
+    metrics = trainer.evaluate(eval_dataset=rows, metric_key_prefix=prefix)
+    loss = metrics.get(f"{prefix}_loss")
+    if loss is not None:
+        metrics[f"{prefix}_perplexity"] = math.exp(loss) if loss < 700 else float("inf")
     metrics[f"{prefix}_samples"] = len(rows)
     if generator is not None:
         records = generator.evaluate(trainer.accelerator.unwrap_model(trainer.model), rows, trainer.accelerator)
         scores = aggregate_scores(records, generator.group_column)
-        metrics.update({f"{prefix}_{name}": value for name, value in scores.items()})
-        trainer.log({f"{prefix}_{name}": value for name, value in scores.items()})
+        scores = {f"{prefix}_{name}": value for name, value in scores.items()}
+        metrics.update(scores)
+        trainer.log(scores)
         if trainer.args.should_save:
             generator.write_predictions(Path(trainer.args.output_dir, "predictions.jsonl"), prefix, records)
             if "tensorboard" in trainer.args.report_to:
@@ -2593,22 +2292,13 @@ def evaluate_split(trainer, rows: IndexedRows, prefix: str, generator: Optional[
     return metrics
 
 
-def add_perplexity(metrics: dict, prefix: str = "eval") -> dict:
-    loss = metrics.get(f"{prefix}_loss")
-    if loss is not None:
-        metrics[f"{prefix}_perplexity"] = math.exp(loss) if loss < 700 else float("inf")
-    return metrics
-
-
 class GenerationEvaluator:
-    """Answers evaluation rows by greedy generation and scores the answers against the gold ones.
+    """Answers evaluation rows by greedy generation and scores them against the gold answers. The prompt is the
+    training chat up to the last assistant turn, built by the same ChatEncoder; rows are sharded over ranks."""
 
-    The prompt is the training chat (same normalization, template, system prompt and question template) up to
-    the last assistant turn, built by the same ChatEncoder. Rows are sharded over ranks and the records gathered.
-    """
-
-    def __init__(self, encoder: ChatEncoder, skipped_rows: SkippedRows, eval_args: EvaluationArguments, batch_size: int = 8,
-                 prompt_lengths: Optional[list[int]] = None, generate_options: Optional[dict] = None):
+    def __init__(self, encoder: ChatEncoder, skipped_rows: SkippedRows, eval_args: EvaluationArguments,
+                 batch_size: int = 8, prompt_lengths: Optional[list[int]] = None,
+                 generate_options: Optional[dict] = None):
         self.encoder = encoder
         self.skipped_rows = skipped_rows
         self.max_new_tokens = eval_args.generation_max_new_tokens
@@ -2617,9 +2307,17 @@ class GenerationEvaluator:
         # Static shapes (Gaudi lazy mode): prompts are left-padded to one of these lengths, one graph each.
         self.prompt_lengths = prompt_lengths
         self.generate_options = generate_options or {}
-        self.end_of_turn = encoder.end_of_turn_token_id()
+        self.end_of_turn = end_of_turn_token_id(encoder.processor)
         self.prompt_shapes = collections.Counter()
         self.predictions_written = False
+
+    @classmethod
+    def for_run(cls, encoder: ChatEncoder, skipped_rows: SkippedRows, args: ScriptArguments) -> GenerationEvaluator:
+        """The evaluator of --generation_eval: batches and lengths as in evaluation, HPU options on Gaudi."""
+        data, training = args.data, args.training
+        prompt_lengths = data.length_buckets if data.padding_strategy == "bucket" else None
+        return cls(encoder, skipped_rows, args.evaluation, training.per_device_eval_batch_size, prompt_lengths,
+                   hpu_generation_options(training))
 
     def generate(self, model, features: list[dict]) -> list[dict]:
         prepared = []
@@ -2631,7 +2329,8 @@ class GenerationEvaluator:
         if not prepared:
             return []
         # Left padding: generation continues every row from the same position.
-        inputs = self.encoder.process([p[1] for p in prepared], [p[2] for p in prepared], padding_side="left", return_tensors="pt")
+        texts, images = [p[1] for p in prepared], [p[2] for p in prepared]
+        inputs = self.encoder.process(texts, images, padding_side="left", return_tensors="pt")
         inputs = self.pad_prompts(inputs).to(model.device)
         self.prompt_shapes[tuple(inputs["input_ids"].shape)] += 1
         with torch.no_grad():
@@ -2655,8 +2354,7 @@ class GenerationEvaluator:
         """Left-pad the batch's prompts to the smallest of `prompt_lengths` that holds them (static shapes)."""
         length = inputs["input_ids"].shape[1]
         target = next((n for n in self.prompt_lengths or () if n >= length), length)
-        pad_values = {"input_ids": self.encoder.pad_token_id, "attention_mask": 0, "token_type_ids": 0}
-        for key, value in pad_values.items():
+        for key, value in {"input_ids": self.encoder.pad_token_id, "attention_mask": 0, "token_type_ids": 0}.items():
             if key in inputs and target > length:
                 inputs[key] = torch.nn.functional.pad(inputs[key], (target - length, 0), value=value)
         return inputs
@@ -2673,7 +2371,8 @@ class GenerationEvaluator:
             model = wrap_in_hpu_graph(model)
         records = []
         self.prompt_shapes.clear()
-        for batch in tqdm(batches, desc=f"Generating answers ({rows.split})", disable=not accelerator.is_local_main_process):
+        quiet = not accelerator.is_local_main_process
+        for batch in tqdm(batches, desc=f"Generating answers ({rows.split})", disable=quiet):
             records.extend(self.generate(model, [rows[position] for position in batch]))
         model.train(was_training)
         shapes = ", ".join(f"{b}x{n}: {count}" for (b, n), count in sorted(self.prompt_shapes.items()))
@@ -2695,8 +2394,8 @@ class GenerationEvaluator:
         header = "| row | question | gold answers | prediction | relaxed accuracy | ANLS |\n|---|---|---|---|---|---|\n"
         cells = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
         table = header + "".join(
-            f"| {r['row_index']} | {cells(r['question'])} | {cells(' / '.join(r['gold_answers']))} | {cells(r['prediction'])} "
-            f"| {r['relaxed_accuracy']:.0f} | {r['anls']:.2f} |\n" for r in records[:rows]
+            f"| {r['row_index']} | {cells(r['question'])} | {cells(' / '.join(r['gold_answers']))} | "
+            f"{cells(r['prediction'])} | {r['relaxed_accuracy']:.0f} | {r['anls']:.2f} |\n" for r in records[:rows]
         )
         with SummaryWriter(log_dir=training_args.logging_dir) as writer:
             writer.add_text(f"{evaluation}/predictions", table, global_step=step)
@@ -2720,47 +2419,34 @@ def log_before_and_after(before: dict, after: dict) -> None:
 
 
 # Pure-Python answer metrics (ChartQA relaxed accuracy, exact match, ANLS): no torch, no Hub downloads.
-# relaxed_accuracy, exact_match and anls follow the published evaluation code rule for rule, so they can be
-# put next to papers' and leaderboards' numbers; relaxed_accuracy_lenient is this project's own, more
-# forgiving reading, reported beside the standard one.
+# relaxed_accuracy, exact_match and anls follow the published evaluation code rule for rule, so they can be put next
+# to papers' and leaderboards' numbers; relaxed_accuracy_lenient is this project's own, more forgiving reading.
 METRIC_NAMES = ("relaxed_accuracy", "relaxed_accuracy_lenient", "exact_match", "anls")
 
-# For the lenient scoring only (normalize_answer, parse_number, relaxed_match_lenient). An optional sign, an
-# optional "$", digits (either plain or grouped by commas in threes) with an optional fraction, or a bare
-# fraction (".5"), then an optional "%". No exponents, no "nan"/"inf".
+# For the lenient scoring only: an optional sign, an optional "$", digits (plain or grouped by commas in threes)
+# with an optional fraction, or a bare fraction (".5"), then an optional "%". No exponents, no "nan"/"inf".
 _NUMBER_RE = re.compile(r"^([+-]?)\$?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)%?$")
 
 
 def normalize_answer(text) -> str:
-    """Canonical form of an answer for the lenient relaxed accuracy (this project's own normalization).
-
-    Lower-cases, strips the ends, collapses every run of whitespace to one space, then drops one trailing
-    period ("Blue ." -> "blue", "3.5." -> "3.5"). Punctuation elsewhere and articles are kept as they are.
-    `None` counts as the empty string; other non-strings go through `str` first.
-    """
+    """Canonical form for the lenient relaxed accuracy: lower-cased, stripped, whitespace runs collapsed, then one
+    trailing period dropped ("Blue ." -> "blue"); other punctuation and articles kept. None is ""; others go via str."""
     if text is None:
         return ""
     text = " ".join(str(text).lower().split())
-    if text.endswith("."):
-        text = text[:-1].rstrip()
-    return text
+    return text[:-1].rstrip() if text.endswith(".") else text
 
 
 def parse_number(text) -> Optional[float]:
-    """The number an answer spells for the lenient relaxed accuracy, or None when it is not a plain number.
-
-    Accepts surrounding whitespace, a sign, a leading "$", thousands separators grouped in threes and a
-    trailing "%" (dropped, not divided: "12%" -> 12.0): "12", "-3.5", "1,234", "$5", " 7.0 ". Anything
-    else ("12 apples", "1e3", "nan", "1,23", "") gives None.
-    """
+    """The plain number an answer spells for the lenient relaxed accuracy, else None. Accepts surrounding whitespace,
+    a sign, a leading "$", thousands grouped in threes and a trailing "%" (dropped, not divided: "12%" -> 12.0);
+    "12 apples", "1e3", "nan", "1,23" and "" give None."""
     if text is None:
         return None
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return float(text) if math.isfinite(text) else None
     match = _NUMBER_RE.match(str(text).strip())
-    if match is None:
-        return None
-    return float(match.group(1) + match.group(2).replace(",", ""))
+    return None if match is None else float(match.group(1) + match.group(2).replace(",", ""))
 
 
 def answer_text(answer) -> str:
@@ -2769,30 +2455,21 @@ def answer_text(answer) -> str:
 
 
 def relaxed_number(text: str) -> Optional[float]:
-    """The number the standard relaxed accuracy reads in `text`, or None.
-
-    Whatever Python's float() accepts is a number, so "1e3", "1_000", " 12 ", "nan" and "inf" are, and
-    "1,234" and "$5" are not; trailing "%" signs are dropped and the rest divided by 100 ("27%" -> 0.27,
-    "12 %" -> 0.12). This is pix2struct's `_to_float` inside `relaxed_correctness` (pix2struct/metrics.py).
-    """
+    """The number the standard relaxed accuracy reads, or None: pix2struct's `_to_float` inside `relaxed_correctness`
+    (pix2struct/metrics.py). Whatever float() accepts ("1e3", "1_000", " 12 ", "nan", "inf"; not "1,234" or "$5");
+    trailing "%" signs are dropped and the rest divided by 100 ("27%" -> 0.27, "12 %" -> 0.12)."""
     try:
-        if text.endswith("%"):
-            return float(text.rstrip("%")) / 100.0
-        return float(text)
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
     except ValueError:
         return None
 
 
 def relaxed_match(prediction, gold) -> bool:
-    """ChartQA's relaxed accuracy for one gold answer, as published.
-
-    Follows pix2struct's `relaxed_correctness` (pix2struct/metrics.py), which lmms-eval's ChartQA task
-    (lmms_eval/tasks/chartqa/utils.py) and VLMEvalKit (vlmeval/dataset/utils/vqa_eval.py) use: the
-    prediction is stripped of surrounding whitespace (as VLMEvalKit does before scoring), the gold is not.
-    When the gold reads as a non-zero number (`relaxed_number`) and the prediction as a number, correct iff
-    |prediction - gold| / |gold| <= 0.05 (so a NaN or infinite gold never matches); otherwise, including a
-    gold of 0, the two strings must be equal ignoring case.
-    """
+    """ChartQA's relaxed accuracy for one gold answer, as pix2struct's `relaxed_correctness` (pix2struct/metrics.py),
+    used by lmms-eval (lmms_eval/tasks/chartqa/utils.py) and VLMEvalKit (vlmeval/dataset/utils/vqa_eval.py). The
+    prediction is stripped (as VLMEvalKit does), the gold is not. A gold reading as a non-zero number (`relaxed_number`)
+    and a numeric prediction match iff |prediction - gold| / |gold| <= 0.05 (a NaN or infinite gold never does);
+    otherwise, a gold of 0 included, the strings must be equal ignoring case."""
     pred_text, gold_text = answer_text(prediction).strip(), answer_text(gold)
     pred_number, gold_number = relaxed_number(pred_text), relaxed_number(gold_text)
     if pred_number is not None and gold_number is not None and gold_number != 0:
@@ -2801,25 +2478,19 @@ def relaxed_match(prediction, gold) -> bool:
 
 
 def relaxed_match_lenient(prediction, gold) -> bool:
-    """This project's own, more forgiving relaxed accuracy for one gold answer (not a published protocol).
-
-    When both answers parse as numbers (`parse_number` after `normalize_answer`, so "12." is 12, "12%" is
-    12, "$1,234" is 1234), the prediction is correct when |prediction - gold| <= 5% of |gold|; a gold of 0
-    therefore needs exactly 0. Otherwise the normalized strings must be equal (so "Yes." matches "yes").
-    """
+    """This project's own, more forgiving relaxed accuracy (no published protocol): when both answers parse as numbers
+    (`parse_number` after `normalize_answer`: "12." is 12, "12%" 12, "$1,234" 1234), correct iff within 5% of |gold|
+    (a gold of 0 needs exactly 0); otherwise the normalized strings must be equal ("Yes." matches "yes")."""
     pred_text, gold_text = normalize_answer(prediction), normalize_answer(gold)
     pred_number, gold_number = parse_number(pred_text), parse_number(gold_text)
     if pred_number is not None and gold_number is not None:
-        if gold_number == 0:
-            return pred_number == 0
-        return abs(pred_number - gold_number) <= 0.05 * abs(gold_number)
+        return pred_number == 0 if gold_number == 0 else abs(pred_number - gold_number) <= 0.05 * abs(gold_number)
     return pred_text == gold_text
 
 
 def exact_match(prediction, gold) -> bool:
-    """Equality after stripping and lower-casing both answers, as VLMEvalKit's "accuracy" method
-    (vlmeval/dataset/utils/vqa_eval.py `process_line`): "Yes " matches "yes", "Yes." and "12.0" do not match
-    "yes" and "12"."""
+    """Equality after stripping and lower-casing both, as VLMEvalKit's "accuracy" method (vlmeval/dataset/utils/
+    vqa_eval.py `process_line`): "Yes " matches "yes"; "Yes." and "12.0" do not match "yes" and "12"."""
     return answer_text(prediction).strip().lower() == answer_text(gold).strip().lower()
 
 
@@ -2837,33 +2508,22 @@ def levenshtein_distance(a: str, b: str) -> int:
 
 
 def anls_score(prediction, gold, threshold: float = 0.5) -> float:
-    """Normalized Levenshtein similarity of one prediction to one gold answer, as lmms-eval's `anls`
-    (lmms_eval/api/metrics.py) and VLMEvalKit's `anls_compute` + `hit_calculate` (vlmeval/dataset/utils/vqa_eval.py).
-
-    The distance is taken between the answers stripped, lower-cased and with inner whitespace collapsed,
-    but, as in both references, divided by the longer answer's length as given (before that normalization,
-    measured on its upper-cased form), so "Pari   " vs "paris" is 1 - 1/7. Two empty answers score 1. A
-    similarity below `threshold` scores 0; exactly 0.5 keeps its 0.5.
-    """
+    """Normalized Levenshtein similarity, as lmms-eval's `anls` (lmms_eval/api/metrics.py) and VLMEvalKit's
+    `anls_compute` + `hit_calculate` (vlmeval/dataset/utils/vqa_eval.py): the distance between the answers stripped,
+    lower-cased and whitespace-collapsed, divided (as in both) by the longer answer's length as given, measured on its
+    upper-cased form ("Pari   " vs "paris": 1 - 1/7). Two empty answers score 1; below `threshold` scores 0."""
     pred_raw, gold_raw = answer_text(prediction), answer_text(gold)
     pred_text, gold_text = " ".join(pred_raw.lower().split()), " ".join(gold_raw.lower().split())
     longest = max(len(pred_raw.upper()), len(gold_raw.upper()))
-    distance = 0.0 if longest == 0 else levenshtein_distance(pred_text, gold_text) / longest
-    score = 1.0 - distance
+    score = 1.0 - (0.0 if longest == 0 else levenshtein_distance(pred_text, gold_text) / longest)
     return score if score >= threshold else 0.0
 
 
 def score_prediction(prediction, golds) -> dict:
-    """The metrics of METRIC_NAMES for one prediction, each the best over all gold answers (as VLMEvalKit's
-    `hit_calculate` and pix2struct's `aggregate_metrics` take it; lmms-eval's ChartQA task has one gold).
-
-    Returns {"relaxed_accuracy": 0.0|1.0, "relaxed_accuracy_lenient": 0.0|1.0, "exact_match": 0.0|1.0,
-    "anls": float in [0, 1]}. A single gold string is accepted as a list of one; no gold answers score 0
-    everywhere.
-    """
-    if isinstance(golds, str) or golds is None:
-        golds = [] if golds is None else [golds]
-    golds = list(golds)
+    """Each metric of METRIC_NAMES for one prediction, the best over all gold answers (as VLMEvalKit's `hit_calculate`
+    and pix2struct's `aggregate_metrics`; lmms-eval's ChartQA has one gold). A single gold string counts as a list
+    of one; no gold answers score 0 everywhere."""
+    golds = [] if golds is None else [golds] if isinstance(golds, str) else list(golds)
     return {
         "relaxed_accuracy": float(any(relaxed_match(prediction, gold) for gold in golds)),
         "relaxed_accuracy_lenient": float(any(relaxed_match_lenient(prediction, gold) for gold in golds)),
@@ -2873,12 +2533,9 @@ def score_prediction(prediction, golds) -> dict:
 
 
 def aggregate_scores(records: list, group_key: Optional[str] = None) -> dict:
-    """Means of the metrics over records (dicts as `score_prediction` returns, plus any other keys).
+    """Per metric of METRIC_NAMES, the mean over the records holding it; with `group_key` (e.g. ChartQA's
+    "human_or_machine"), also per value of it as "<metric>_<value>" ("anls_human"). No records -> {}."""
 
-    Each metric in METRIC_NAMES present in the records is averaged over the records that hold it. With
-    `group_key` (e.g. ChartQA's "human_or_machine"), records holding that key are also averaged per value,
-    as "<metric>_<value>" ("relaxed_accuracy_0", "anls_human"). Values are plain floats; no records -> {}.
-    """
     def means(rows) -> dict:
         result = {}
         for name in METRIC_NAMES:
@@ -2888,17 +2545,13 @@ def aggregate_scores(records: list, group_key: Optional[str] = None) -> dict:
         return result
 
     records = list(records)
-    if not records:
-        return {}
     result = means(records)
-    if group_key is not None:
-        groups: dict = {}
-        for row in records:
-            if row.get(group_key) is not None:
-                groups.setdefault(str(row[group_key]), []).append(row)
-        for value in sorted(groups):
-            for name, mean in means(groups[value]).items():
-                result[f"{name}_{value}"] = mean
+    groups = collections.defaultdict(list)
+    for row in records if group_key is not None else ():
+        if row.get(group_key) is not None:
+            groups[str(row[group_key])].append(row)
+    for value in sorted(groups):
+        result.update({f"{name}_{value}": mean for name, mean in means(groups[value]).items()})
     return result
 
 
@@ -2916,7 +2569,8 @@ def write_outputs(trainer, skipped_rows: SkippedRows, processor, run_args: RunAr
     if any(report.values()):
         logger.warning(f"Rows skipped or truncated, by reason: {report} (see skipped_rows.json)")
     if run_args.merge_adapter and trainer.args.do_train:
-        export_merged(trainer.accelerator.unwrap_model(trainer.model), processor, Path(trainer.args.output_dir, "merged"))
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        export_merged(model, processor, Path(trainer.args.output_dir, "merged"))
 
 
 def export_merged(model, processor, output_dir: Path) -> Path:
@@ -2945,8 +2599,7 @@ def answer_one_question(args: ScriptArguments) -> str:
     """--predict_image / --predict_question: the model's answer (with --adapter_path, the fine-tuned one's)."""
     setup_run(args.training)
     model, processor, family = load_model_with_adapter(args)
-    schema = DatasetSchema("question_answer", "image", "question", "answer")
-    encoder = ChatEncoder(processor, family, schema, args.data)
+    encoder = ChatEncoder(processor, family, DatasetSchema("question_answer", "image", "question", "answer"), args.data)
     generator = GenerationEvaluator(encoder, SkippedRows(None, "error"), args.evaluation, batch_size=1)
     feature = {"row": {"image": args.run.predict_image, "question": args.run.predict_question, "answer": "unused"},
                "split": "command line", "row_index": 0}
@@ -2969,33 +2622,23 @@ def load_model_with_adapter(args: ScriptArguments):
 # ---------------------------------------------------------------------------------------------------
 
 
-def gaudi_stack_available() -> bool:
-    """True when Habana's PyTorch bridge and optimum-habana are installed.
-
-    Only looks the packages up: importing optimum.habana without Habana's stack crashes the process.
-    """
-    return not missing_gaudi_packages()
-
-
 def missing_gaudi_packages() -> str:
-    """Which part of Gaudi's software stack is missing, as a sentence subject ('' when none is)."""
-    bridge = importlib.util.find_spec("habana_frameworks") is not None
-    optimum_habana = importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.habana") is not None
+    """Which part of Gaudi's software stack is missing, as a sentence subject ('' when none is). Only looks the
+    packages up: importing optimum.habana without Habana's stack crashes the process."""
+    bridge, optimum = (importlib.util.find_spec(name) is not None for name in ("habana_frameworks", "optimum"))
+    optimum_habana = optimum and importlib.util.find_spec("optimum.habana") is not None
     if bridge and optimum_habana:
         return ""
     if optimum_habana:
         return "Habana's PyTorch bridge (habana_frameworks, from Habana's PyTorch container) is"
-    if bridge:
-        return "optimum-habana is"
-    return "Habana's software stack (habana_frameworks and optimum-habana) is"
+    return "optimum-habana is" if bridge else "Habana's software stack (habana_frameworks and optimum-habana) is"
 
 
 def training_arguments_class(given: dict[str, str]) -> type:
-    """GaudiTrainingArguments where Habana's stack is installed; the portable ones elsewhere, and for the modes
-    that do not train (one question, merging an adapter) when --use_habana is not given, since GaudiTrainingArguments
-    refuses to run without it."""
+    """GaudiTrainingArguments where Habana's stack is installed; the portable ones elsewhere, and for the modes that
+    do not train (one question, merging an adapter) without --use_habana, which GaudiTrainingArguments requires."""
     trains = "predict_image" not in given and not ("merge_adapter" in given and "do_train" not in given)
-    if gaudi_stack_available() and (trains or "use_habana" in given):
+    if not missing_gaudi_packages() and (trains or "use_habana" in given):
         from optimum.habana import GaudiTrainingArguments
 
         return GaudiTrainingArguments
@@ -3012,28 +2655,20 @@ def hpu_generation_options(training_args) -> dict:
 
 
 def export_mpi_rank_environment() -> None:
-    """Under mpirun, expose the rank in the variables torch.distributed and accelerate read (as torchrun does).
-
-    Without LOCAL_RANK, accelerate does not take the multi-HPU (HCCL) path on Gaudi.
-    """
-    mpi_names = {
-        "RANK": "OMPI_COMM_WORLD_RANK",
-        "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE",
-        "LOCAL_RANK": "OMPI_COMM_WORLD_LOCAL_RANK",
-        "LOCAL_WORLD_SIZE": "OMPI_COMM_WORLD_LOCAL_SIZE",
-    }
+    """Under mpirun, expose the rank in the variables torch.distributed and accelerate read (as torchrun does);
+    without LOCAL_RANK, accelerate does not take the multi-HPU (HCCL) path on Gaudi."""
     if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" not in os.environ:
         return
+    mpi_names = {"RANK": "OMPI_COMM_WORLD_RANK", "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE",
+                 "LOCAL_RANK": "OMPI_COMM_WORLD_LOCAL_RANK", "LOCAL_WORLD_SIZE": "OMPI_COMM_WORLD_LOCAL_SIZE"}
     for name, mpi_name in mpi_names.items():
         if mpi_name in os.environ:
             os.environ[name] = os.environ[mpi_name]
 
 
 def hpu_model_inputs(training_args, family: ModelFamily) -> dict:
-    """Gemma 3's HPU forward options, sent with every batch; only when training on Gaudi.
-
-    optimum-habana's Gemma 3 port takes them as forward arguments and GaudiTrainer does not pass them.
-    """
+    """Gemma 3's HPU forward options, sent with every batch when training on Gaudi: optimum-habana's Gemma 3 port
+    takes them as forward arguments and GaudiTrainer does not pass them."""
     if not (family.hpu_attention_options and getattr(training_args, "use_habana", False)):
         return {}
     return {
@@ -3051,19 +2686,13 @@ def hpu_model_inputs(training_args, family: ModelFamily) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
-def gemma3_reference_attention_masks(
-    attention_mask: torch.Tensor, token_type_ids: Optional[torch.Tensor], sliding_window: Optional[int], dtype: torch.dtype
-) -> dict:
-    """Gemma 3's attention pattern, as the per-layer masks optimum-habana's Gemma 3 port accepts.
-
-    Follows transformers 4.55.4 (models/gemma3/modeling_gemma3.py:905-934, masking_utils.py:78-87,116-127):
-    a query sees a key that is not padding and either comes before it (on sliding layers, fewer than
-    `sliding_window` positions before it) or lies in the same image as the query: a run of image tokens
-    (token_type_ids == 1), which attend to each other in both directions. Returns
-    {"full_attention": ..., "sliding_attention": ...}, additive (batch, 1, length, length) masks of `dtype`
-    (0 where visible, its lowest value elsewhere), built with tensor ops on the input's device: static
-    shapes, no value read back to the host, so one lazy-mode graph per batch shape.
-    """
+def gemma3_reference_attention_masks(attention_mask: torch.Tensor, token_type_ids: Optional[torch.Tensor],
+                                     sliding_window: Optional[int], dtype: torch.dtype) -> dict:
+    """Gemma 3's attention pattern as the per-layer masks optimum-habana's port accepts, following transformers 4.55.4
+    (models/gemma3/modeling_gemma3.py:905-934, masking_utils.py:78-87,116-127): a query sees a non-padding key that
+    comes before it (on sliding layers, fewer than `sliding_window` positions before) or lies in the same image (a run
+    of token_type_ids == 1, attending both ways). Additive (batch, 1, length, length) masks of `dtype`, built on the
+    input's device with no value read back to the host: one lazy-mode graph per batch shape."""
     batch, length = attention_mask.shape
     device = attention_mask.device
     positions = torch.arange(length, device=device)
@@ -3081,22 +2710,19 @@ def gemma3_reference_attention_masks(
             image_number.view(batch, 1, length, 1) == image_number.view(batch, 1, 1, length)
         )
     full = (earlier_or_self | same_image) & key_present
-    if sliding_window is None:
-        sliding = full
-    else:
+    sliding = full
+    if sliding_window is not None:
         in_window = ((query_position - key_position) < sliding_window).view(1, 1, length, length)
         sliding = ((earlier_or_self & in_window) | same_image) & key_present
     visible = torch.zeros((), dtype=dtype, device=device)
     hidden = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
-    return {"full_attention": torch.where(full, visible, hidden), "sliding_attention": torch.where(sliding, visible, hidden)}
+    return {"full_attention": torch.where(full, visible, hidden),
+            "sliding_attention": torch.where(sliding, visible, hidden)}
 
 
 def gemma3_reference_attention_hook(module, args: tuple, kwargs: dict):
-    """Forward pre-hook of the port's Gemma3Model: replaces the 2D padding mask by the reference masks.
-
-    Only for a full-sequence forward that carries token_type_ids (training, evaluation); a cached decoding
-    step, or a mask dict already built, passes through unchanged.
-    """
+    """Forward pre-hook of the port's Gemma3Model: replaces the 2D padding mask by the reference masks, for a
+    full-sequence forward with token_type_ids (training, evaluation); a cached decoding step or a mask dict passes."""
     token_type_ids, attention_mask = kwargs.get("token_type_ids"), kwargs.get("attention_mask")
     if token_type_ids is None or isinstance(attention_mask, dict) or kwargs.get("past_key_values") is not None:
         return None
@@ -3115,12 +2741,11 @@ def gemma3_reference_attention_hook(module, args: tuple, kwargs: dict):
 def use_gemma3_reference_attention(model, training_args):
     """On Gaudi, make optimum-habana's Gemma 3 port attend as transformers' Gemma 3 does, in every forward.
 
-    optimum-habana 1.21.2's port takes token_type_ids but never reads them (models/gemma3/modeling_gemma3.py:
-    828, 970-995), so image tokens would attend causally only; and the sliding-window mask it builds
-    itself (modeling_attn_mask_utils.py:60-65) lets a query see `sliding_window + 1` keys where transformers
-    allows `sliding_window` (masking_utils.py:85). It does use a dict of per-layer masks when given one
-    (modeling_gemma3.py:631, 683), which the pre-hook installed here supplies. Returns the hook's handle,
-    or None where nothing is needed (not training on Gaudi, or not Gemma 3).
+    optimum-habana 1.21.2's port takes token_type_ids but never reads them (models/gemma3/modeling_gemma3.py:828,
+    970-995), so image tokens would attend causally only; and its own sliding-window mask (modeling_attn_mask_utils.py:
+    60-65) lets a query see `sliding_window + 1` keys where transformers allows `sliding_window` (masking_utils.py:85).
+    It does use a dict of per-layer masks when given one (modeling_gemma3.py:631, 683), which the pre-hook installed
+    here supplies. Returns the hook's handle, or None where nothing is needed (not training on Gaudi, not Gemma 3).
     """
     if not getattr(training_args, "use_habana", False) or getattr(model.config, "model_type", None) != "gemma3":
         return None
@@ -3138,10 +2763,9 @@ def check_gemma3_hpu_attention_flags(model_type: str, training_args) -> None:
     """Refuse the fused-attention flags that would make Gemma 3 on Gaudi train something else, or crash.
 
     --flash_attention_causal_mask calls the fused kernel with is_causal=True and no mask on every layer
-    (models/gemma3/modeling_gemma3.py:323-326): image tokens lose their two-way attention and sliding
-    layers their window. --flash_attention_fast_softmax with --flash_attention_recompute trips an assertion
-    of Habana's FusedSDPA wrapper in training unless is_causal (hpex/kernels/FusedSDPA.py), which the
-    masked call never is.
+    (models/gemma3/modeling_gemma3.py:323-326): image tokens lose their two-way attention and sliding layers their
+    window. --flash_attention_fast_softmax with --flash_attention_recompute trips an assertion of Habana's FusedSDPA
+    wrapper in training unless is_causal (hpex/kernels/FusedSDPA.py), which the masked call never is.
     """
     if model_type != "gemma3" or not getattr(training_args, "use_habana", False):
         return
