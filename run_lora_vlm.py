@@ -493,7 +493,7 @@ def main(args: ScriptArguments) -> Trainer:
     config, family, processor = load_processor(model_args)
     check_gemma3_hpu_attention_flags(config.model_type, training_args)
 
-    # Data: rows are chosen by index only; they are normalized, decoded and rendered per batch.
+    # Data: each split's rows, chosen by index only (images are decoded per batch, by the collator).
     splits, schema, image_base_dir = load_data(data_args, training_args, model_args.cache_dir)
     skipped_rows = SkippedRows.for_run(training_args, data_args.invalid_rows)
 
