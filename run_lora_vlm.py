@@ -2328,8 +2328,11 @@ class GenerationEvaluator:
                 self.skipped_rows.reject(feature, e)
         if not prepared:
             return []
+        # Static shapes: a short last batch is filled with copies of its last prompt (answers dropped below).
+        fill = self.batch_size - len(prepared) if self.prompt_lengths else 0
+        texts = [p[1] for p in prepared] + [prepared[-1][1]] * fill
+        images = [p[2] for p in prepared] + [prepared[-1][2]] * fill
         # Left padding: generation continues every row from the same position.
-        texts, images = [p[1] for p in prepared], [p[2] for p in prepared]
         inputs = self.encoder.process(texts, images, padding_side="left", return_tensors="pt")
         inputs = self.pad_prompts(inputs).to(model.device)
         self.prompt_shapes[tuple(inputs["input_ids"].shape)] += 1

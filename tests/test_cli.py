@@ -98,6 +98,8 @@ def test_the_same_flags_without_gaudi_ones_parse_into_stock_training_arguments()
     assert isinstance(args.training, transformers.TrainingArguments) and not hasattr(args.training, "use_habana")
     assert (args.model.model_name_or_path, args.data.max_train_samples, args.lora.lora_rank) == ("google/gemma-3-12b-it", 128, 16)
     assert args.training.bf16 and args.training.gradient_checkpointing
+    # No accelerator here: images are prepared in the training process and host memory is not pinned (no warning).
+    assert args.training.dataloader_num_workers == 0 and args.training.dataloader_pin_memory is False
 
 
 def test_gaudi_flag_fails_before_any_model_loading_from_the_command_line(tmp_path, monkeypatch, capsys):

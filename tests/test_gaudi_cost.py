@@ -133,7 +133,12 @@ def test_hpu_batches_keep_few_shapes_and_logits_only_where_trained(two_ranks):
         for shape in list(train) + list(evaluation):
             (batch, length), (kept,) = json.loads(shape)
             assert kept in (16, 32, 64, 128) and kept <= length, shape
-        assert sum(result["prompt_shapes"].values()) >= 1 and len(result["prompt_shapes"]) <= 2
+        # Generation prompts are left-padded to the bucket lengths: at most one shape per bucket, each a bucket.
+        prompt_lengths = [json.loads(shape)[1] for shape in result["prompt_shapes"]]
+        assert sum(result["prompt_shapes"].values()) >= 1 and len(prompt_lengths) <= len(result["length_buckets"])
+        assert set(prompt_lengths) <= set(result["length_buckets"]), (prompt_lengths, result["length_buckets"])
+        # optimum-habana's generation options reach generate(): lazy mode and static shapes (HPU graphs need the flag).
+        assert result["generate_options"] == {"lazy_mode": True, "hpu_graphs": False, "static_shapes": True}
 
 
 def test_a_nan_loss_is_reported_at_the_next_logging_step_and_never_reaches_the_weights(assets, tmp_path, monkeypatch):
@@ -486,6 +491,7 @@ def _measure(spec: dict, argv: list) -> None:
 
         def recording_generate(*args, **kwargs):
             prompt_shapes[json.dumps(list(kwargs["input_ids"].shape))] += 1
+            result["generate_options"] = {k: kwargs.get(k) for k in ("lazy_mode", "hpu_graphs", "static_shapes")}
             return generate(*args, **kwargs)
 
         generating.generate = recording_generate
@@ -510,6 +516,7 @@ def _measure(spec: dict, argv: list) -> None:
     trainer = result.pop("trainer")
     handler = next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "PreemptionHandler"), None)
     result.update(stopped_at_step=getattr(handler, "stopped_at_step", None), metrics=metrics,
+                  length_buckets=trainer.data_collator.data_args.length_buckets,
                   classes=[c.__name__ for c in type(trainer).__mro__])
     Path(spec["out"], f"rank{rank}.json").write_text(json.dumps(result))
     sys.exit(exit_code)

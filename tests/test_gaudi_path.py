@@ -129,6 +129,9 @@ def test_seed_commands_parse_into_gaudi_training_arguments(results):
     eight = case(results, "seed eight cards")
     assert eight["report_to"] == ["tensorboard"] and eight["gradient_accumulation_steps"] == 2
     assert case(results, "seed single card")["gradient_accumulation_steps"] == 1
+    # Images are decoded in background workers (persistent) while the device computes: all cores but one, up to 4.
+    single = case(results, "seed single card")
+    assert single["loader"] == [min(4, single["cores"] - 1), single["cores"] > 1, True]
 
 
 def test_fused_attention_flags_reach_the_model_inputs(results):
@@ -208,6 +211,9 @@ def _parse_case(argv):
         "attn_implementation": training_args.attn_implementation,
         "hpu_model_inputs": run_lora_vlm.hpu_model_inputs(training_args, run_lora_vlm.MODEL_FAMILIES["gemma3"]),
         "ddp_find_unused_parameters": training_args.ddp_find_unused_parameters,
+        "loader": [training_args.dataloader_num_workers, training_args.dataloader_persistent_workers,
+                   training_args.dataloader_pin_memory],
+        "cores": len(os.sched_getaffinity(0)),
     }
 
 
