@@ -4,6 +4,7 @@ short CPU run, and the script's data path up to the collator (what `main` runs b
 
 import gc
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -120,6 +121,10 @@ def train_argv(assets, output_dir, *extra, dataset=None):
         "--seed", "0",
         *extra,
     ]
+
+
+# The multi-process tests launch Open MPI ranks; without mpirun they are skipped, as README.md says.
+needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (apt-get install openmpi-bin)")
 
 
 def launch_command(world_size, script, *args):

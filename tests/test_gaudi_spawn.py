@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs_mpirun
 
 REPO = Path(__file__).resolve().parents[1]
 SPAWN = REPO / "gaudi_spawn.py"
@@ -24,9 +24,6 @@ _spec = importlib.util.spec_from_file_location("gaudi_spawn", SPAWN)
 gaudi_spawn = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gaudi_spawn)
 
-needs_mpirun = pytest.mark.skipif(
-    shutil.which("mpirun") is None, reason="mpirun not installed (apt-get install openmpi-bin)"
-)
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import run_lora_vlm as rlv
-from conftest import REPO_ROOT, launch_command, run_training, train_argv
+from conftest import REPO_ROOT, launch_command, needs_mpirun, run_training, train_argv
 
 WRONG_ANSWER = "zzzz"  # shares no character with any chart answer (digits, A-E, colour names, Yes/No)
 
@@ -106,6 +106,7 @@ def tensorboard_texts(log_dir) -> dict:
     return texts
 
 
+@needs_mpirun
 def test_two_mpi_ranks_gather_the_same_generation_metrics_as_one_process(assets, tmp_path):
     flags = ["--do_eval", "--generation_eval", "--max_eval_samples", "6", "--per_device_eval_batch_size", "1",
              "--generation_max_new_tokens", "4"]

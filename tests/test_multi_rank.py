@@ -7,7 +7,9 @@ import subprocess
 
 import pytest
 
-from conftest import TESTS_DIR, launch_command, run_training, train_argv
+from conftest import TESTS_DIR, launch_command, needs_mpirun, run_training, train_argv
+
+pytestmark = needs_mpirun
 
 
 def spawn(assets, output_dir, record_dir, world_size, *flags):
