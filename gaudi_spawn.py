@@ -40,7 +40,8 @@ DEFAULT_MASTER_PORT = 29500
 # Variables every rank needs as they are on the launching node: Habana's bridge
 # settings (PT_HPU_LAZY_MODE decides lazy or eager mode), Hugging Face caches,
 # tokens and offline switches.  mpirun gives remote ranks only what `-x` names.
-FORWARDED_PREFIXES = ("PT_HPU_", "HABANA_", "HF_", "TRANSFORMERS_")
+# HCCL_/GLOO_: the network interfaces of multi-node runs (HCCL for the gradients, gloo for the script's CPU group).
+FORWARDED_PREFIXES = ("PT_HPU_", "HABANA_", "HCCL_", "GLOO_", "HF_", "TRANSFORMERS_")
 FORWARDED_NAMES = ("TOKENIZERS_PARALLELISM",)
 INSTALL_HINTS = {
     "mpirun": "install Open MPI, e.g. `apt-get install openmpi-bin`",

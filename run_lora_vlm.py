@@ -256,34 +256,35 @@ class ScriptArguments:
     evaluation: EvaluationArguments
     run: RunArguments
     training: TrainingArguments  # GaudiTrainingArguments where Habana's stack is installed
+    given: dict = field(default_factory=dict)  # the flags as given, recorded with a run to recognize it again
 
 
 def parse_args(argv: Optional[list[str]] = None) -> ScriptArguments:
     """Parse the flags (or one JSON file) and settle every default, in this one place."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    json_file = argv[0] if len(argv) == 1 and argv[0].endswith(".json") else None
-    given = flags_given(argv, json_file)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        argv = json_flags(argv[0])
+    given = flags_given(argv)
     if missing_gaudi_packages():
         refuse_gaudi_flags(given)
     # Under mpirun the rank must be in the environment before the training arguments pick the device.
     export_mpi_rank_environment()
     groups = [ModelArguments, DataArguments, LoraArguments, EvaluationArguments, RunArguments]
     parser = ScriptArgumentParser(groups + [training_arguments_class(given)])
-    if json_file is not None:
-        known = {field.name for dtype in parser.dataclass_types for field in dataclasses.fields(dtype)}
-        refuse_unknown_flags([f"--{name}" for name in given if name not in known], known)
-        parsed = parser.parse_json_file(json_file=os.path.abspath(json_file))
-    else:
-        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-        known = {option[2:] for action in parser._actions for option in action.option_strings}
-        refuse_unknown_flags([word.split("=")[0] for word in remaining if word.startswith("--")] or remaining, known)
-    args = ScriptArguments(*parsed)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    known = {option[2:] for action in parser._actions for option in action.option_strings}
+    refuse_unknown_flags([word.split("=")[0] for word in remaining if word.startswith("--")] or remaining, known)
+    args = ScriptArguments(*parsed, given=given)
     settle_defaults(args, given)
     return args
 
 
 class ScriptArgumentParser(HfArgumentParser):
-    """What this adds to HfArgumentParser: a bad flag value is one line naming the flag, not the whole usage text."""
+    """What this adds to HfArgumentParser: a bad flag value is one line naming the flag, not the whole usage text;
+    abbreviated flags are refused, so `given` below always names the flag itself."""
+
+    def __init__(self, dataclass_types):
+        super().__init__(dataclass_types, allow_abbrev=False)
 
     def error(self, message: str):
         raise UsageError(f"{message}. See --help.")
@@ -296,17 +297,30 @@ def refuse_unknown_flags(unknown: list[str], known: set[str]) -> None:
         raise UsageError(f"Unknown flag{'s' * (len(unknown) > 1)}: {', '.join(hints)}. See --help.")
 
 
-def flags_given(argv: list[str], json_file: Optional[str]) -> dict[str, str]:
-    """{flag name: value as written} for every flag on the command line (or key of the JSON file)."""
-    if json_file is not None:
-        with open(json_file) as f:
-            return {name: str(value) for name, value in json.load(f).items()}
+def json_flags(path: str) -> list[str]:
+    """A JSON file of {flag: value} as command-line words, so it goes through the same checks as flags do."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: cannot read the flags from it ({e}).") from e
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: expected one JSON object of flag names and values.")
+    words = []
+    for name, value in config.items():
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        words += [f"--{name}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in values)]
+    return words
+
+
+def flags_given(argv: list[str]) -> dict[str, str]:
+    """{flag name (with underscores, as the field is named): value as written} for every flag on the command line."""
     given = {}
     for index, word in enumerate(argv):
         if word.startswith("--"):
             name, _, value = word[2:].partition("=")
             following = argv[index + 1] if index + 1 < len(argv) else ""
-            given[name] = value or ("" if following.startswith("-") else following)
+            given[name.replace("-", "_")] = value or ("" if following.startswith("-") else following)
     return given
 
 
@@ -369,12 +383,20 @@ def settle_defaults(args: ScriptArguments, given: dict[str, str]) -> None:
         training.dataloader_pin_memory = False
     if "dataloader_num_workers" not in given and accelerated:
         # Decode and resize images in background workers while the device computes (this rank's share of the cores).
-        cores_per_rank = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        training.dataloader_num_workers = min(4, max(0, cores_per_rank - 1))
+        training.dataloader_num_workers = min(4, max(0, cores_of_this_rank() - 1))
         training.dataloader_persistent_workers = training.dataloader_num_workers > 0
     if training.do_train:
         training.resume_from_checkpoint = checkpoint_to_resume(training)
         check_free_disk(training.output_dir, args.run.min_free_disk_gb)
+
+
+def cores_of_this_rank() -> int:
+    """The CPU cores this process may use: those it is bound to (mpirun binds each rank to its own), or else its
+    share of the machine's among the node's ranks."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cores < (os.cpu_count() or cores):
+        return cores
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def settle_execution_mode(training_args, lazy_flag_given: bool) -> None:
@@ -411,9 +433,9 @@ def checkpoint_to_resume(training_args) -> Optional[str]:
     return last_checkpoint
 
 
-def finished_run(training_args) -> bool:
-    """Whether --output_dir holds this very run, finished (adapter and results saved, last checkpoint at the final
-    step of the same schedule): re-running the command then leaves everything as it is."""
+def training_finished(training_args) -> bool:
+    """Whether --output_dir holds this training, finished: adapter and results saved, and the last checkpoint at the
+    final step of the same schedule (--max_steps, or else --num_train_epochs)."""
     output_dir, checkpoint = Path(training_args.output_dir), training_args.resume_from_checkpoint
     if not (training_args.do_train and checkpoint and (output_dir / "train_results.json").is_file()):
         return False
@@ -421,10 +443,23 @@ def finished_run(training_args) -> bool:
         state = json.loads(Path(checkpoint, "trainer_state.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    same_schedule = state.get("num_train_epochs") == math.ceil(training_args.num_train_epochs) and (
-        training_args.max_steps <= 0 or state.get("max_steps") == training_args.max_steps
-    )
+    if training_args.max_steps > 0:
+        same_schedule = state.get("max_steps") == training_args.max_steps
+    else:  # under --max_steps the Trainer records the epochs it derived, so they are compared only here
+        same_schedule = state.get("num_train_epochs") == math.ceil(training_args.num_train_epochs)
     return same_schedule and state.get("global_step") == state.get("max_steps")
+
+
+RUN_FLAGS_FILE = "run_flags.json"
+
+
+def same_command_finished(args: ScriptArguments) -> bool:
+    """Whether this very command (the same flags) already ran to its end in --output_dir: nothing is left to do."""
+    try:
+        recorded = json.loads(Path(args.training.output_dir, RUN_FLAGS_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return recorded == args.given and training_finished(args.training)
 
 
 def last_complete_checkpoint(output_dir: Path) -> Optional[str]:
@@ -465,20 +500,22 @@ def cli(argv: Optional[list[str]] = None) -> int:
     everything else is the training path, `main`. Returns the exit code."""
     try:
         args = parse_args(argv)
-        if finished_run(args.training):
-            print(f"{args.training.output_dir} holds this run, finished: nothing to do, nothing changed. Pass "
-                  "--overwrite_output_dir to train it again.", file=sys.stderr)
-        elif args.run.predict_image is not None:
+        if args.run.predict_image is not None:
             print(answer_one_question(args))
         elif args.run.merge_adapter and not args.training.do_train:
             merge_saved_adapter(args)
         elif args.run.dry_run_data:
             dry_run_data(args)
+        elif same_command_finished(args):
+            print(f"{args.training.output_dir} holds this command's finished run: nothing to do, nothing changed. "
+                  "Pass --overwrite_output_dir to run it again.", file=sys.stderr)
         else:
             main(args)
     except UsageError as e:
-        # A mistake in the flags or the data: one line saying what to change, no traceback.
-        print(f"error: {e}", file=sys.stderr)
+        # A mistake in the flags or the data: one line saying what to change, no traceback. A DataLoader worker's
+        # error arrives with the worker's traceback in its message (torch/_utils.py:774-789): its last line is ours.
+        message = str(e).rstrip().splitlines()[-1].removeprefix(f"{UsageError.__name__}: ")
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 
@@ -516,7 +553,8 @@ def main(args: ScriptArguments) -> Trainer:
     # Train, stopping cleanly on SIGTERM; an evaluation of the untouched model first, if asked.
     generator = GenerationEvaluator.for_run(encoder, skipped_rows, args) if args.evaluation.generation_eval else None
     before = {}
-    if training_args.do_train:
+    # A finished training asked for again (with other evaluation or output flags) is not trained or saved anew.
+    if training_args.do_train and not training_finished(training_args):
         if training_args.do_eval and args.evaluation.eval_before_training:
             before = evaluate_split(trainer, splits["eval"], "eval_before", generator)
         train_and_save(trainer, len(splits["train"]))
@@ -525,7 +563,7 @@ def main(args: ScriptArguments) -> Trainer:
     evaluate_splits(trainer, splits, generator, before)
 
     # Outputs: the skipped-row report once every rank has written its part; the merged model if asked.
-    write_outputs(trainer, skipped_rows, processor, args.run)
+    write_outputs(trainer, skipped_rows, processor, args)
     return trainer
 
 
@@ -1091,9 +1129,9 @@ class SkippedRows:
 
     @classmethod
     def for_run(cls, training_args, invalid_rows: str) -> SkippedRows:
-        """The run's record; a run that does not resume starts it empty."""
+        """The run's record; a training that does not resume starts it empty (evaluation adds to it)."""
         skipped_rows = cls(training_args.output_dir, invalid_rows)
-        if training_args.should_save and training_args.resume_from_checkpoint is None:
+        if training_args.should_save and training_args.do_train and training_args.resume_from_checkpoint is None:
             skipped_rows.clear()
         return skipped_rows
 
@@ -1210,8 +1248,7 @@ def check_split(encoder: ChatEncoder, rows: IndexedRows, cache: Path) -> dataset
     if len(selected) == 0:
         return datasets.Dataset.from_dict({"reason": [], "detail": [], "length": []}, features=ROW_CHECK_FEATURES)
     fingerprint = row_check_fingerprint(encoder, selected)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    processes = min(cores, len(selected) // ROWS_PER_CHECK_PROCESS, MAX_CHECK_PROCESSES)
+    processes = min(cores_of_this_rank(), len(selected) // ROWS_PER_CHECK_PROCESS, MAX_CHECK_PROCESSES)
     caching = datasets.is_caching_enabled()
     if caching:
         cache.mkdir(parents=True, exist_ok=True)
@@ -2368,10 +2405,6 @@ class GenerationEvaluator:
         batches = [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
         was_training = model.training
         model.eval()
-        if self.generate_options.get("hpu_graphs"):
-            from habana_frameworks.torch.hpu import wrap_in_hpu_graph
-
-            model = wrap_in_hpu_graph(model)
         records = []
         self.prompt_shapes.clear()
         quiet = not accelerator.is_local_main_process
@@ -2563,15 +2596,17 @@ def aggregate_scores(records: list, group_key: Optional[str] = None) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
-def write_outputs(trainer, skipped_rows: SkippedRows, processor, run_args: RunArguments) -> None:
-    """After every rank has recorded its own skipped rows: the report, and the merged model when asked."""
+def write_outputs(trainer, skipped_rows: SkippedRows, processor, args: ScriptArguments) -> None:
+    """After every rank has recorded its own skipped rows: the report, the merged model when asked, and the flags of
+    this run (a re-run of the same command then has nothing to do)."""
     trainer.accelerator.wait_for_everyone()
     if not trainer.args.should_save:
         return
     report = skipped_rows.write_report(trainer.args.output_dir)
     if any(report.values()):
         logger.warning(f"Rows skipped or truncated, by reason: {report} (see skipped_rows.json)")
-    if run_args.merge_adapter and trainer.args.do_train:
+    Path(trainer.args.output_dir, RUN_FLAGS_FILE).write_text(json.dumps(args.given, indent=1))
+    if args.run.merge_adapter and trainer.args.do_train:
         model = trainer.accelerator.unwrap_model(trainer.model)
         export_merged(model, processor, Path(trainer.args.output_dir, "merged"))
 
@@ -2600,6 +2635,8 @@ def merge_saved_adapter(args: ScriptArguments) -> Path:
 
 def answer_one_question(args: ScriptArguments) -> str:
     """--predict_image / --predict_question: the model's answer (with --adapter_path, the fine-tuned one's)."""
+    if not Path(args.run.predict_image).is_file():
+        raise UsageError(f"--predict_image {args.run.predict_image}: no such file.")
     setup_run(args.training)
     model, processor, family = load_model_with_adapter(args)
     encoder = ChatEncoder(processor, family, DatasetSchema("question_answer", "image", "question", "answer"), args.data)
@@ -2639,8 +2676,9 @@ def missing_gaudi_packages() -> str:
 
 def training_arguments_class(given: dict[str, str]) -> type:
     """GaudiTrainingArguments where Habana's stack is installed; the portable ones elsewhere, and for the modes that
-    do not train (one question, merging an adapter) without --use_habana, which GaudiTrainingArguments requires."""
-    trains = "predict_image" not in given and not ("merge_adapter" in given and "do_train" not in given)
+    do not train (one question, merging an adapter, data dry runs) without --use_habana, which GaudiTrainingArguments
+    requires."""
+    trains = not ({"predict_image", "dry_run_data"} & set(given) or ("merge_adapter" in given and "do_train" not in given))
     if not missing_gaudi_packages() and (trains or "use_habana" in given):
         from optimum.habana import GaudiTrainingArguments
 
@@ -2653,8 +2691,10 @@ def hpu_generation_options(training_args) -> dict:
     optimum/habana/transformers/generation/utils.py:1196-1197), and static shapes."""
     if not getattr(training_args, "use_habana", False):
         return {}
-    return {"lazy_mode": training_args.use_lazy_mode, "hpu_graphs": training_args.use_hpu_graphs_for_inference,
-            "static_shapes": training_args.use_lazy_mode}
+    lazy = training_args.use_lazy_mode
+    # HPU graphs need lazy mode (generation/utils.py:1334); GaudiTrainer's evaluate() has wrapped the model in them
+    # (optimum/habana/transformers/trainer.py:2058-2067) before the generation that follows it.
+    return {"lazy_mode": lazy, "hpu_graphs": lazy and training_args.use_hpu_graphs_for_inference, "static_shapes": lazy}
 
 
 def export_mpi_rank_environment() -> None:

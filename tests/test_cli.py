@@ -188,18 +188,42 @@ def test_a_bad_question_template_is_refused_at_start_up(template, message):
 
 
 def test_rerunning_a_finished_command_changes_nothing(assets, tmp_path, capsys):
+    # --max_steps with --num_train_epochs: the Trainer records the epochs it derived, not the flag's.
     argv = train_argv(assets, tmp_path, "--do_train", "--do_eval", "--max_train_samples", "16", "--max_eval_samples", "4",
-                      "--save_strategy", "steps", "--save_steps", "100")
+                      "--save_strategy", "steps", "--save_steps", "100", "--num_train_epochs", "3", "--max_steps", "2")
     assert rlv.cli(argv) == 0
-    assert (tmp_path / "checkpoint-2").is_dir()  # the final step's checkpoint: 16 rows, batch 8
+    assert (tmp_path / "checkpoint-2").is_dir()  # the final step's checkpoint
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     assert {"train_results.json", "all_results.json", "eval_results.json", "adapter_model.safetensors"} <= set(before)
     capsys.readouterr()
     assert rlv.cli(argv) == 0
     assert "nothing to do" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
-    # The same folder with a longer schedule is not finished: it resumes and trains the extra steps.
+    # Asking for more of the finished run (a test split too): nothing is trained or saved again; the test is run.
+    assert rlv.cli(argv + ["--do_predict", "--test_split", "test"]) == 0
+    assert "nothing to do" not in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    for name in ("train_results.json", "adapter_model.safetensors", "trainer_state.json"):
+        assert after[name] == before[name], name
+    assert json.loads(after["predict_results.json"])["predict_samples"] == 4
+    # A longer schedule in the same folder is another training: it resumes and trains the extra step.
     assert run_training(argv + ["--max_steps", "3"]).state.global_step == 3
+
+
+def test_flags_from_a_json_file_get_the_same_checks(tmp_path, capsys):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model_name_or_path": "m", "output_dir": str(tmp_path), "invalid_rows": "skpi"}))
+    assert rlv.cli([str(config)]) == 2
+    assert "argument --invalid_rows/--invalid-rows: invalid choice: 'skpi'" in capsys.readouterr().err
+    config.write_text("{not json")
+    assert rlv.cli([str(config)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {config}: cannot read the flags from it")
+
+
+def test_dashed_flags_count_as_given(tmp_path):
+    args = rlv.parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--train_vision_tower",
+                           "--ddp-find-unused-parameters", "false"])
+    assert args.training.ddp_find_unused_parameters is False  # the flag, as given, wins over the script's default
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -33,6 +33,8 @@ PINNED_ENV = {
     "HOME": "/home/user",
     "PT_HPU_LAZY_MODE": "1",
     "HABANA_VISIBLE_MODULES": "0,1,2,3,4,5,6,7",
+    "HCCL_SOCKET_IFNAME": "eth1",
+    "GLOO_SOCKET_IFNAME": "eth1",
     "HF_HOME": "/data/hf",
     "TRANSFORMERS_VERBOSITY": "info",
     "TOKENIZERS_PARALLELISM": "false",
@@ -41,7 +43,8 @@ PINNED_ENV = {
 }
 # What mpirun must forward of PINNED_ENV, written out by hand (sorted by name).
 PINNED_EXPORTS = [
-    "HABANA_VISIBLE_MODULES", "HF_HOME", "PT_HPU_LAZY_MODE", "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY"
+    "GLOO_SOCKET_IFNAME", "HABANA_VISIBLE_MODULES", "HCCL_SOCKET_IFNAME", "HF_HOME", "PT_HPU_LAZY_MODE",
+    "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY",
 ]
 
 
@@ -191,8 +194,8 @@ def test_forwarded_env():
     assert gaudi_spawn.forwarded_env(PINNED_ENV) == PINNED_EXPORTS
     # The user's entries come last and replace a matching name's plain entry.
     assert gaudi_spawn.forwarded_env(PINNED_ENV, ["OMP_NUM_THREADS", "HF_HOME=/other"]) == [
-        "HABANA_VISIBLE_MODULES", "PT_HPU_LAZY_MODE", "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY",
-        "OMP_NUM_THREADS", "HF_HOME=/other",
+        "GLOO_SOCKET_IFNAME", "HABANA_VISIBLE_MODULES", "HCCL_SOCKET_IFNAME", "PT_HPU_LAZY_MODE",
+        "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY", "OMP_NUM_THREADS", "HF_HOME=/other",
     ]
     with pytest.raises(gaudi_spawn.LaunchError, match="--env NOT_SET"):
         gaudi_spawn.forwarded_env(PINNED_ENV, ["NOT_SET"])
