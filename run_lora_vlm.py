@@ -2446,11 +2446,10 @@ def stop_token_ids(model, end_of_turn: Optional[int]) -> list[int]:
 
 def log_before_and_after(before: dict, after: dict) -> None:
     """One line per quality metric: the untouched model's value, then the fine-tuned one's."""
-    lines = []
-    for name, value in before.items():
-        metric = name[len("eval_before_"):]
-        if metric.split("_")[0] in ("loss", "perplexity") or metric.startswith(METRIC_NAMES):
-            lines.append(f"  {metric:<24} {value:>10.4f} -> {after.get('eval_' + metric, float('nan')):>10.4f}")
+    metrics = {name[len("eval_before_"):]: value for name, value in before.items()}
+    metrics = {m: v for m, v in metrics.items() if m.startswith(("loss", "perplexity", *METRIC_NAMES))}
+    width = max(map(len, metrics), default=0)
+    lines = [f"  {m:<{width}} {v:>10.4f} -> {after.get('eval_' + m, float('nan')):>10.4f}" for m, v in metrics.items()]
     logger.info("Evaluation before -> after training:\n" + "\n".join(lines))
 
 
@@ -2678,7 +2677,8 @@ def training_arguments_class(given: dict[str, str]) -> type:
     """GaudiTrainingArguments where Habana's stack is installed; the portable ones elsewhere, and for the modes that
     do not train (one question, merging an adapter, data dry runs) without --use_habana, which GaudiTrainingArguments
     requires."""
-    trains = not ({"predict_image", "dry_run_data"} & set(given) or ("merge_adapter" in given and "do_train" not in given))
+    modes_without_training = {"predict_image", "dry_run_data"} & set(given)
+    trains = not (modes_without_training or ("merge_adapter" in given and "do_train" not in given))
     if not missing_gaudi_packages() and (trains or "use_habana" in given):
         from optimum.habana import GaudiTrainingArguments
 
