@@ -1266,7 +1266,9 @@ def row_check_fingerprint(encoder: ChatEncoder, selected: datasets.Dataset) -> s
     # A call's padding settings stay on a fast tokenizer, and so in its hash, until a plain call resets them
     # (transformers/tokenization_utils_fast.py:473-497).
     encoder.tokenizer("")
-    files = [name for chunk in selected.data.column(encoder.schema.image_column).chunks for name in named_files(chunk)]
+    # The selected rows' own image column (arrow format applies the selection and decodes nothing).
+    image_column = selected.with_format("arrow")[encoder.schema.image_column]
+    files = [name for chunk in image_column.chunks for name in named_files(chunk)]
     return Hasher.hash([
         selected._fingerprint, script_digest(), encoder.processor, encoder.family, encoder.schema, flags,
         encoder.image_kwargs, str(encoder.image_base_dir), [file_stamp(name, encoder.image_base_dir) for name in files],
@@ -2112,15 +2114,18 @@ class TrainingLossMonitor(transformers.TrainerCallback):
         bad["count"].zero_()
 
     def start_evaluation(self, dataset, device) -> None:
-        """While evaluating, per-row loss sums (one slot per row index of the split, plus one for stand-in rows)."""
+        """While evaluating, per-row loss sums: one slot per row of the split (found by its row index in the sorted
+        indices, so the buffer grows with the rows evaluated, not with the split's size), plus one for stand-in rows."""
         row_indices = getattr(dataset, "row_indices", None)
-        slots = (int(np.max(row_indices)) + 2) if row_indices is not None and len(row_indices) else 1
-        self.evaluation = torch.zeros((slots, 2), dtype=torch.float32, device=device)
+        row_indices = np.sort(row_indices) if row_indices is not None else np.zeros(0, dtype=np.int64)
+        self.evaluation_rows = torch.as_tensor(row_indices, dtype=torch.long, device=device)
+        self.evaluation = torch.zeros((len(row_indices) + 1, 2), dtype=torch.float32, device=device)
 
     def evaluation_loss(self, outputs, labels) -> torch.Tensor:
         token_losses, trained = next_token_losses(outputs, labels)
         per_row = torch.stack([token_losses.sum(dim=1), trained.sum(dim=1).float()], dim=1)
-        slots = torch.where(self.row_ids >= 0, self.row_ids, len(self.evaluation) - 1)
+        row_slots = torch.searchsorted(self.evaluation_rows, self.row_ids)
+        slots = torch.where(self.row_ids >= 0, row_slots, len(self.evaluation) - 1)
         # Copied, not added: a row accelerate repeats to even out the ranks' last batches counts once.
         self.evaluation.index_copy_(0, slots, per_row)
         return per_row[:, 0].sum() / per_row[:, 1].sum().clamp(min=1)
