@@ -80,6 +80,7 @@ require_version("peft>=0.14", "To fix: pip install -r requirements.txt")
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+RUN_FLAGS_FILE = "run_flags.json"
 
 
 class UsageError(ValueError):
@@ -108,7 +109,7 @@ def arg(default: Any = dataclasses.MISSING, help: str = "", choices: Optional[li
 @dataclass
 class ModelArguments:
     model_name_or_path: str = arg(help="Hub id or local folder of a vision-language model, e.g. google/gemma-3-12b-it.")
-    torch_dtype: str = arg("auto", "Dtype the weights are loaded in. 'auto' follows --bf16/--fp16 and else float32.",
+    torch_dtype: str = arg("auto", "Dtype of the loaded weights; 'auto' follows --bf16/--fp16, else float32.",
                            ["auto", "bfloat16", "float16", "float32"])
     cache_dir: Optional[str] = arg(None, "Where downloaded models and data are cached.")
     model_revision: str = arg("main", "Model branch, tag or commit to load.")
@@ -123,17 +124,14 @@ class DataArguments:
     train_split: str = arg("train", "Split used for training.")
     eval_split: Optional[str] = arg(None, "Evaluation split (default: the first of validation, val, valid, dev).")
     test_split: str = arg("test", "Split used by --do_predict.")
-    validation_split_percentage: float = arg(10.0, "With --do_eval and no evaluation split, this share of train "
-                                             "(seeded) becomes one.")
+    validation_split_percentage: float = arg(10.0, "% of train held out (seeded) for --do_eval without an eval split.")
     image_column: Optional[str] = arg(None, "Column holding the image(s).")
     question_column: Optional[str] = arg(None, "Column holding the question.")
     answer_column: Optional[str] = arg(None, "Column holding the answer (a string or a list of strings).")
-    messages_column: Optional[str] = arg(None, "Column holding a chat (role/content messages or LLaVA from/value "
-                                         "conversations).")
+    messages_column: Optional[str] = arg(None, "Chat column: role/content messages or LLaVA from/value turns.")
     system_prompt: Optional[str] = arg(None, "System message added to every row that has none of its own.")
     question_template: str = arg("{question}", "How the question is written in the user turn; needs a {question} slot.")
-    caption_instruction: str = arg("Describe this image.", "User instruction for caption-only datasets (image + "
-                                   "caption/text).")
+    caption_instruction: str = arg("Describe this image.", "User turn for caption-only data (image + caption/text).")
     max_train_samples: Optional[int] = arg(None, "Use at most this many training rows (cut before any per-row work).")
     max_eval_samples: Optional[int] = arg(None, "Use at most this many evaluation rows (cut before any per-row work).")
     sample_selection: str = arg("first", "How --max_*_samples picks rows: the first N, or N at random (seeded by "
@@ -175,8 +173,8 @@ class DataArguments:
             value = getattr(self, flag)
             if value is not None and value <= 0:
                 raise UsageError(f"--{flag} must be a positive integer, got {value}.")
-        if self.fixed_image_size is not None and (len(self.fixed_image_size) != 2 or min(self.fixed_image_size) <= 0):
-            size = self.fixed_image_size
+        size = self.fixed_image_size
+        if size is not None and (len(size) != 2 or min(size) <= 0):
             raise UsageError(f"--fixed_image_size takes HEIGHT WIDTH (two positive numbers), got {size}.")
 
 
@@ -202,11 +200,10 @@ class RunArguments:
     dry_run_data: Optional[int] = arg(None, "Build this many training batches, check them (trained tokens, one <bos>, "
                                       "image tokens), log one decoded example, and exit without loading the model.")
     min_free_disk_gb: float = arg(1.0, "Refuse to start with less free space than this in --output_dir.")
-    merge_adapter: bool = arg(
-        False, "Write a merged model (base + LoRA, safetensors), the processor and a generation config to "
-        "<output_dir>/merged: after training, or on its own from --adapter_path without --do_train.")
-    adapter_path: Optional[str] = arg(None, "A saved LoRA adapter, for --merge_adapter or --predict_image without "
-                                      "training.")
+    merge_adapter: bool = arg(False, "Write <output_dir>/merged (base + LoRA as safetensors, processor, generation "
+                              "config): after training, or alone from --adapter_path without --do_train.")
+    adapter_path: Optional[str] = arg(None, "A saved LoRA adapter: for --merge_adapter, or for --predict_image "
+                                      "without training.")
     predict_image: Optional[str] = arg(None, "Answer --predict_question about this image file and exit (no dataset).")
     predict_question: Optional[str] = arg(None, "The question for --predict_image.")
 
@@ -270,7 +267,8 @@ def parse_args(argv: Optional[list[str]] = None) -> ScriptArguments:
     # Under mpirun the rank must be in the environment before the training arguments pick the device.
     export_mpi_rank_environment()
     groups = [ModelArguments, DataArguments, LoraArguments, EvaluationArguments, RunArguments]
-    parser = ScriptArgumentParser(groups + [training_arguments_class(given)])
+    # Abbreviated flags are refused, so `given` always names the flag itself.
+    parser = ScriptArgumentParser(groups + [training_arguments_class(given)], allow_abbrev=False)
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     known = {option[2:] for action in parser._actions for option in action.option_strings}
     refuse_unknown_flags([word.split("=")[0] for word in remaining if word.startswith("--")] or remaining, known)
@@ -280,11 +278,7 @@ def parse_args(argv: Optional[list[str]] = None) -> ScriptArguments:
 
 
 class ScriptArgumentParser(HfArgumentParser):
-    """What this adds to HfArgumentParser: a bad flag value is one line naming the flag, not the whole usage text;
-    abbreviated flags are refused, so `given` below always names the flag itself."""
-
-    def __init__(self, dataclass_types):
-        super().__init__(dataclass_types, allow_abbrev=False)
+    """HfArgumentParser whose error for a bad flag value is one line naming the flag, not the whole usage text."""
 
     def error(self, message: str):
         raise UsageError(f"{message}. See --help.")
@@ -316,10 +310,9 @@ def json_flags(path: str) -> list[str]:
 def flags_given(argv: list[str]) -> dict[str, str]:
     """{flag name (with underscores, as the field is named): value as written} for every flag on the command line."""
     given = {}
-    for index, word in enumerate(argv):
+    for word, following in zip(argv, argv[1:] + [""]):
         if word.startswith("--"):
             name, _, value = word[2:].partition("=")
-            following = argv[index + 1] if index + 1 < len(argv) else ""
             given[name.replace("-", "_")] = value or ("" if following.startswith("-") else following)
     return given
 
@@ -364,9 +357,9 @@ def settle_defaults(args: ScriptArguments, given: dict[str, str]) -> None:
         # evaluation before training could not be trained.
         raise UsageError("--use_hpu_graphs_for_inference cannot go with --eval_before_training and --do_train.")
     if args.lora.train_vision_tower and "ddp_find_unused_parameters" not in given:
-        # Some families read an inner vision layer (LLaVA-NeXT: the second to last), leaving the LoRA weights of the
-        # layers after it without gradients, which DDP reports as an error. GaudiTrainingArguments defaults this to
-        # False rather than None (optimum/habana/transformers/training_args.py:353-356), so only the flag itself wins.
+        # Some families read an inner vision layer (LLaVA-NeXT: the second to last), leaving later layers' LoRA
+        # weights without gradients, a DDP error. GaudiTrainingArguments defaults this to False, not None
+        # (optimum/habana/transformers/training_args.py:353-356), so only the flag itself wins.
         training.ddp_find_unused_parameters = True
     # The collator reads the raw columns; the trainer must not drop them.
     training.remove_unused_columns = False
@@ -450,9 +443,6 @@ def training_finished(training_args) -> bool:
     return same_schedule and state.get("global_step") == state.get("max_steps")
 
 
-RUN_FLAGS_FILE = "run_flags.json"
-
-
 def same_command_finished(args: ScriptArguments) -> bool:
     """Whether this very command (the same flags) already ran to its end in --output_dir: nothing is left to do."""
     try:
@@ -471,11 +461,9 @@ def last_complete_checkpoint(output_dir: Path) -> Optional[str]:
         if path.is_dir() and (match := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name))
     )
     for step, path in reversed(steps):
-        try:
+        with contextlib.suppress(OSError, json.JSONDecodeError):
             if json.loads((path / "trainer_state.json").read_text()).get("global_step") == step:
                 return str(path)
-        except (OSError, json.JSONDecodeError):
-            pass
         logger.warning(f"Ignoring incomplete checkpoint {path} (no whole trainer_state.json).")
     return None
 
@@ -496,8 +484,7 @@ def check_free_disk(output_dir: str, min_free_gb: float) -> None:
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
-    """Command-line entry: one question, merging a saved adapter and data dry runs have their own function;
-    everything else is the training path, `main`. Returns the exit code."""
+    """Command-line entry, returning the exit code: one question, a merge or a data dry run, else training (`main`)."""
     try:
         args = parse_args(argv)
         if args.run.predict_image is not None:
@@ -638,7 +625,6 @@ def model_family(model_type: str) -> ModelFamily:
 class ModelFamily:
     """What the script needs to know about one model family (one MODEL_FAMILIES entry per `model_type`). LoRA
     targets need no entry: they are found in the module tree (the language model's linear layers)."""
-
     # The chat template writes image_placeholder(processor) once per image; the processor replaces it by a longer
     # text, the image's tokens. Knowing how long moves assistant spans found in the rendered chat onto the tokens.
     image_placeholder: Callable[[Any], str]
@@ -656,8 +642,7 @@ class ModelFamily:
     # Last names of the vision tower and projector modules (for --train_vision_tower / --train_projector).
     vision_tower: str = "vision_tower"
     projector: str = "multi_modal_projector"
-    # Processor arguments for --image_min_pixels / --image_max_pixels, where the family has a pixel budget.
-    pixel_budget_kwargs: Optional[tuple] = None
+    pixel_budget_kwargs: Optional[tuple] = None  # processor arguments for --image_min_pixels / --image_max_pixels
 
 
 def llava_next_image_token_counts(processor, processed) -> list:
@@ -670,14 +655,9 @@ def llava_next_image_token_counts(processor, processed) -> list:
     ]
 
 
-def repeated_token_length(processor, count: int) -> int:
-    return count * len(processor.image_token)
-
-
 @functools.cache
 def image_only_qwen2_5_vl_processor_class() -> type:
-    """Qwen2.5-VL's processor without its video half (whose video processor needs torchvision); text and images
-    behave exactly as in the real class."""
+    """Qwen2.5-VL's processor without its video half (its video processor needs torchvision); the rest unchanged."""
     from transformers import Qwen2_5_VLProcessor
 
     class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -706,7 +686,7 @@ MODEL_FAMILIES = {
         image_token_counts=lambda processor, processed: [
             int(np.prod(grid)) // processor.image_processor.merge_size**2 for grid in processed["image_grid_thw"]
         ],
-        expanded_length=repeated_token_length,
+        expanded_length=lambda processor, count: count * len(processor.image_token),
         image_inputs=("pixel_values", "image_grid_thw"),
         patches_per_image=lambda processed: [int(np.prod(grid)) for grid in processed["image_grid_thw"]],
         image_only_processor_class=image_only_qwen2_5_vl_processor_class,
@@ -717,7 +697,7 @@ MODEL_FAMILIES = {
     "llava_next": ModelFamily(
         image_placeholder=lambda processor: processor.image_token,
         image_token_counts=llava_next_image_token_counts,
-        expanded_length=repeated_token_length,
+        expanded_length=lambda processor, count: count * len(processor.image_token),
         image_inputs=("pixel_values", "image_sizes"),
     ),
 }
@@ -728,9 +708,8 @@ MODEL_FAMILIES = {
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_data(
-    data_args: DataArguments, training_args, cache_dir: Optional[str]
-) -> tuple[dict, DatasetSchema, Optional[Path]]:
+def load_data(data_args: DataArguments, training_args,
+              cache_dir: Optional[str]) -> tuple[dict, DatasetSchema, Optional[Path]]:
     """The rows of each split the run uses, the dataset's schema, and the folder relative image paths start from."""
     if data_args.dataset_name is None:
         raise UsageError("--dataset_name is required (a Hub dataset id or a local path).")
@@ -748,9 +727,8 @@ DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parque
 EVAL_SPLIT_NAMES = ("validation", "val", "valid", "dev")
 
 
-def load_raw_datasets(
-    data_args: DataArguments, cache_dir: Optional[str]
-) -> tuple[datasets.DatasetDict, Optional[Path]]:
+def load_raw_datasets(data_args: DataArguments,
+                      cache_dir: Optional[str]) -> tuple[datasets.DatasetDict, Optional[Path]]:
     """Load every split; also return the folder that relative image paths are resolved against."""
     path = Path(data_args.dataset_name)
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
@@ -842,7 +820,6 @@ def cut_rows(row_indices: np.ndarray, limit: Optional[int], selection: str, seed
 @dataclass(eq=False)
 class IndexedRows(torch.utils.data.Dataset):
     """One split, read row by row on demand; each item carries the split name and its row index in that split."""
-
     dataset: datasets.Dataset
     split: str
     row_indices: np.ndarray
@@ -893,7 +870,6 @@ def detect_schema(columns: list[str], data_args: DataArguments) -> DatasetSchema
         if explicit is not None and explicit not in columns:
             raise UsageError(f"--{flag} {explicit}: no such column. {found}.")
         return explicit if explicit is not None else next((c for c in candidates if c in columns), None)
-
     image_column = pick("image_column", IMAGE_COLUMNS)
     if image_column is None:
         raise UsageError(f"{found} but none holds images (looked for {list(IMAGE_COLUMNS)}). Set --image_column.")
@@ -939,9 +915,9 @@ def normalize_row(row: dict, schema: DatasetSchema, data_args: DataArguments) ->
         messages = [conversation_turn(m, "<image>") for m in raw_messages]
         check_conversation(messages, len(images))
         answers = [part["text"] for m in messages if m["role"] == "assistant" for part in m["content"]]
+    elif not images:
+        raise InvalidRowError("image_missing", f"column '{schema.image_column}' is empty")
     else:
-        if not images:
-            raise InvalidRowError("image_missing", f"column '{schema.image_column}' is empty")
         if schema.kind == "caption":
             question = data_args.caption_instruction
         else:
@@ -950,10 +926,8 @@ def normalize_row(row: dict, schema: DatasetSchema, data_args: DataArguments) ->
                 raise InvalidRowError("empty_question", f"column '{schema.text_column}' is empty")
             question = data_args.question_template.format(question=question.strip())
         target, answers = choose_answer(row.get(schema.target_column))
-        messages = [
-            {"role": "user", "content": [{"type": "image"}] * len(images) + [text_part(question)]},
-            {"role": "assistant", "content": [text_part(target)]},
-        ]
+        messages = [{"role": "user", "content": [{"type": "image"}] * len(images) + [text_part(question)]},
+                    {"role": "assistant", "content": [text_part(target)]}]
     if data_args.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": [text_part(data_args.system_prompt)]})
     return {"images": images, "messages": messages, "answers": answers}
@@ -999,18 +973,12 @@ def conversation_turn(message: Any, image_placeholder: str) -> dict:
         raise InvalidRowError("bad_conversation", f"unknown role in {message!r}; expected one of {sorted(ROLE_NAMES)}")
     content = message.get("content", message.get("value"))
     if isinstance(content, str):
-        parts = []
-        for index, piece in enumerate(content.split(image_placeholder)):
-            if index:
-                parts.append({"type": "image"})
-            if piece.strip():
-                parts.append(text_part(piece.strip()))
+        pieces = re.split(f"({re.escape(image_placeholder)})", content)  # the placeholders kept, as pieces
+        parts = [{"type": "image"} if p == image_placeholder else text_part(p.strip()) for p in pieces if p.strip()]
     elif isinstance(content, list) and all(isinstance(part, dict) for part in content):
         # Arrow gives every part every key of the column, so a part's "text" may be None: that is no text.
-        parts = [
-            {"type": "image"} if part.get("type") == "image" else text_part(str(part.get("text") or "").strip())
-            for part in content
-        ]
+        parts = [{"type": "image"} if part.get("type") == "image" else text_part(str(part.get("text") or "").strip())
+                 for part in content]
     else:
         raise InvalidRowError("bad_conversation",
                               f"{role} message content must be text or a list of part dicts, got {content!r:.100}")
@@ -1062,8 +1030,7 @@ def image_size(value: Any, base_dir: Optional[Path]) -> tuple[int, int]:
     source = image_source(value, base_dir)
     try:
         opened = source if isinstance(source, Image.Image) else Image.open(
-            io.BytesIO(source) if isinstance(source, bytes) else source
-        )
+            io.BytesIO(source) if isinstance(source, bytes) else source)
         with contextlib.nullcontext(opened) if opened is source else opened as image:
             width, height = image.size
             # The EXIF orientation open_image applies, read only where the header holds it: a PNG's getexif()
@@ -1082,9 +1049,7 @@ def image_source(value: Any, base_dir: Optional[Path]):
     if isinstance(value, (Image.Image, bytes, bytearray)):
         return bytes(value) if isinstance(value, bytearray) else value
     if isinstance(value, str) and value:
-        path = Path(value)
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
+        path = Path(value) if base_dir is None else Path(base_dir, value)  # an absolute value stays as it is
         if not path.is_file():
             raise InvalidRowError("image_missing", f"image file {str(path)!r} does not exist")
         return str(path)
@@ -1180,10 +1145,10 @@ class SkippedRows:
 
 def validate_rows(encoder: ChatEncoder, splits: dict, skipped_rows: SkippedRows, training_args,
                   cache_dir: Optional[str] = None) -> dict:
-    """--validate_rows full: before the model loads, check every selected row as the collator will encode it (from
-    image headers, no pixels) and report all bad rows at once: --invalid_rows error stops with that report; skip drops
+    """--validate_rows full: before the model loads, check every selected row as the collator encodes it (image headers,
+    no pixels; cached by the rows' fingerprint) and report all bad rows at once: --invalid_rows error stops; skip drops
     them from the row index (so epochs, max_steps and rank shares count good rows only) and lists them in
-    skipped_rows.json. Returns the splits with their rows' token lengths. Cached by the rows' fingerprint."""
+    skipped_rows.json. Returns the splits with their rows' token lengths."""
     if encoder.data_args.validate_rows == "none":
         return splits
     cache = Path(cache_dir or datasets.config.HF_DATASETS_CACHE, "run_lora_vlm_row_checks")
@@ -1229,9 +1194,8 @@ def describe_bad_rows(bad_rows: list[tuple], total: int) -> str:
     return f"{len(bad_rows)} of {total} rows are invalid: " + "; ".join(parts)
 
 
-ROW_CHECK_FEATURES = datasets.Features(
-    {"reason": datasets.Value("string"), "detail": datasets.Value("string"), "length": datasets.Value("int32")}
-)
+ROW_CHECK_FEATURES = datasets.Features({"reason": datasets.Value("string"), "detail": datasets.Value("string"),
+                                        "length": datasets.Value("int32")})
 # Flags that change nothing a row check finds; a rerun that changes only them (say, to --invalid_rows skip after an
 # error report) reads the cached checks.
 ROW_CHECK_UNUSED_FLAGS = ("padding_strategy", "length_buckets", "invalid_rows", "validate_rows")
@@ -1266,8 +1230,7 @@ def row_check_fingerprint(encoder: ChatEncoder, selected: datasets.Dataset) -> s
     # A call's padding settings stay on a fast tokenizer, and so in its hash, until a plain call resets them
     # (transformers/tokenization_utils_fast.py:473-497).
     encoder.tokenizer("")
-    # The selected rows' own image column (arrow format applies the selection and decodes nothing).
-    image_column = selected.with_format("arrow")[encoder.schema.image_column]
+    image_column = selected.with_format("arrow")[encoder.schema.image_column]  # arrow: the selected rows, undecoded
     files = [name for chunk in image_column.chunks for name in named_files(chunk)]
     return Hasher.hash([
         selected._fingerprint, script_digest(), encoder.processor, encoder.family, encoder.schema, flags,
@@ -1351,9 +1314,8 @@ class RowChecker:
                     processed = encoder.process([encoder.placeholder], [[Image.new("RGB", size[::-1])]])
                     count = encoder.family.image_token_counts(processor, processed)[0]
                 if len(image_text(processor, count)) != encoder.family.expanded_length(processor, count):
-                    raise RuntimeError(
-                        f"image_text does not expand images as MODEL_FAMILIES says for {type(processor).__name__}"
-                    )
+                    raise RuntimeError("image_text does not expand images as MODEL_FAMILIES says for "
+                                       f"{type(processor).__name__}")
                 self.image_tokens[size] = int(count)
             except (ValueError, ZeroDivisionError) as e:  # e.g. Qwen2.5-VL refuses images 200 times wider than high
                 self.image_tokens[size] = InvalidRowError(
@@ -1397,9 +1359,8 @@ def settle_length_buckets(encoder: ChatEncoder, splits: dict, training_args) -> 
     if len(lengths) == 0:
         data_args.length_buckets = sorted({-(-data_args.max_seq_length * k // 4) for k in (1, 2, 3, 4)})
         return
-    batch_size = training_args.per_device_eval_batch_size
-    if "train" in splits:
-        batch_size = training_args.per_device_train_batch_size
+    batch_size = (training_args.per_device_train_batch_size if "train" in splits
+                  else training_args.per_device_eval_batch_size)
     buckets, padded = choose_length_buckets(lengths, data_args.max_seq_length, batch_size, longest=longest)
     data_args.length_buckets = buckets
     mean = float(np.minimum(lengths, data_args.max_seq_length).mean())
@@ -1428,10 +1389,9 @@ def choose_length_buckets(lengths, max_seq_length: int, batch_size: int, max_buc
     """At most `max_buckets` lengths, multiples of `multiple` (or max_seq_length), the largest `longest` or else
     holding the longest row, that minimize a random batch's expected padded length; returns them and that length.
 
-    A batch of `batch_size` rows is padded to the smallest bucket holding its longest row, which has at most L
-    tokens with probability F(L)**batch_size (F: share of rows of at most L tokens). That expectation is a sum over
-    consecutive buckets, so dynamic programming over the candidate lengths finds the best buckets exactly.
-    """
+    A batch of `batch_size` rows pads to the smallest bucket holding its longest row, which has at most L tokens with
+    probability F(L)**batch_size (F: share of rows of at most L tokens); that expectation is a sum over consecutive
+    buckets, so dynamic programming over the candidate lengths finds the best buckets exactly."""
     lengths = np.sort(np.minimum(np.asarray(lengths, dtype=np.int64), max_seq_length))
     candidates = np.unique(np.minimum(-(-lengths // multiple) * multiple, max_seq_length))
     if longest is not None:
@@ -1469,9 +1429,9 @@ def image_text(processor, count: int) -> str:
 
 
 class ChatEncoder:
-    """Turns dataset rows into token ids: the one owner of chat rendering and processor calls, used by the training
-    collator and the generation evaluator alike. A row becomes the canonical chat, rendered by the model's own
-    template (with where each assistant turn sits, or up to the last one), and a batch is one processor call."""
+    """Turns dataset rows into token ids: the one owner of chat rendering and processor calls, for the training
+    collator and the generation evaluator alike. A row becomes the canonical chat rendered by the model's own template
+    (with its assistant spans); a batch is one processor call."""
 
     def __init__(self, processor, family: ModelFamily, schema: DatasetSchema, data_args: DataArguments,
                  image_base_dir: Optional[Path] = None):
@@ -1480,11 +1440,13 @@ class ChatEncoder:
         self.schema = schema
         self.data_args = data_args
         self.image_base_dir = image_base_dir
+        self.tokenizer = processor.tokenizer
+        self.pad_token_id = processor.tokenizer.pad_token_id
         self.placeholder = family.image_placeholder(processor)
-        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.image_kwargs = dict(family.processor_call_kwargs)
         budget = (data_args.image_min_pixels, data_args.image_max_pixels)
-        if any(value is not None for value in budget):
+        if budget != (None, None):
             if family.pixel_budget_kwargs is None:
                 raise UsageError("--image_min_pixels / --image_max_pixels apply to dynamic-resolution families "
                                  "(qwen2_5_vl).")
@@ -1501,14 +1463,6 @@ class ChatEncoder:
         reserved = sorted((self.image_markers | markup) - {None, ""}, key=len, reverse=True)
         self.reserved_text = re.compile("|".join(map(re.escape, reserved)))
 
-    @property
-    def tokenizer(self):
-        return self.processor.tokenizer
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.tokenizer.pad_token_id
-
     def training_chat(self, row: dict) -> tuple[str, list, list]:
         """(rendered chat, assistant spans in characters, decoded images) of one dataset row."""
         example, text, spans = self.rendered_chat(row)
@@ -1522,8 +1476,7 @@ class ChatEncoder:
         return example, text, spans
 
     def canonical_row(self, row: dict) -> dict:
-        """normalize_row, refusing text parts that hold an image placeholder or special token (the processor would
-        count it as an image, or the tokenizer read it as markup)."""
+        """normalize_row, refusing text holding an image placeholder or special token (read as an image or markup)."""
         example = normalize_row(row, self.schema, self.data_args)
         for message in example["messages"]:
             for part in message["content"]:
@@ -1570,14 +1523,12 @@ class ChatEncoder:
     def process(self, texts: list[str], images: list[list], padding_side: str = "right", **kwargs):
         """The processor call: texts and their images, <bos> added only where the chat template did not write it."""
         with_images = any(images)
-        return self.processor(
-            text=texts, images=images if with_images else None, add_special_tokens=self.tokenizer_adds_bos(texts[0]),
-            padding="longest", padding_side=padding_side, **(self.image_kwargs if with_images else {}), **kwargs,
-        )
+        return self.processor(text=texts, images=images if with_images else None, padding="longest",
+                              add_special_tokens=self.tokenizer_adds_bos(texts[0]), padding_side=padding_side,
+                              **(self.image_kwargs if with_images else {}), **kwargs)
 
     def tokenizer_adds_bos(self, rendered: str) -> bool:
-        """Whether the tokenizer should add <bos>: only when the chat template did not write it already (Gemma's
-        template writes it, and its tokenizer would add a second one; LLaVA-NeXT's does not)."""
+        """Whether the tokenizer is to add <bos>: not if the template wrote it (Gemma's does; LLaVA-NeXT's does not)."""
         bos = self.tokenizer.bos_token
         return bool(bos) and not rendered.startswith(bos)
 
@@ -1619,8 +1570,7 @@ class ChatEncoder:
         for index, (text, _, images) in enumerate(chats):
             try:
                 self.process([text], [images])
-            # Anything, StopIteration included (LLaVA-NeXT's processor raises it for a surplus <image>).
-            except Exception as e:
+            except Exception as e:  # StopIteration too: LLaVA-NeXT's processor raises it for a surplus <image>
                 error = f"the processor rejected it: {type(e).__name__}: {e}"
                 errors[index] = InvalidRowError("processor_error", error)
         return errors
@@ -1629,20 +1579,19 @@ class ChatEncoder:
         """The per-image model inputs of the images `kept` (rows can be dropped after processing)."""
         inputs = {}
         for key in self.family.image_inputs:
-            values = processed[key]
             if key == "pixel_values" and self.family.patches_per_image is not None:
                 starts = np.concatenate([[0], np.cumsum(self.family.patches_per_image(processed))])
-                values = np.asarray(values)
+                values = np.asarray(processed[key])
                 inputs[key] = torch.as_tensor(np.concatenate([values[starts[j]:starts[j + 1]] for j in kept]))
             else:
-                inputs[key] = torch.as_tensor(np.stack([np.asarray(values[j]) for j in kept]))
+                inputs[key] = torch.as_tensor(np.stack([np.asarray(processed[key][j]) for j in kept]))
         return inputs
 
     def stand_in_row(self) -> EncodedRow:
         """A one-token row with nothing trained (<bos>, or <pad> without one), for a batch whose rows were all skipped:
         no batch would crash the trainer, and on several ranks leave the others waiting in the gradient all-reduce."""
-        token = self.tokenizer.bos_token_id
-        token = self.pad_token_id if token is None else token
+        bos = self.tokenizer.bos_token_id
+        token = self.pad_token_id if bos is None else bos
         token_types = np.zeros(1, dtype=np.int64) if "token_type_ids" in self.processor.model_input_names else None
         return EncodedRow(np.array([token]), np.array([IGNORE_INDEX]), token_types, slice(0, 0))
 
@@ -1665,17 +1614,14 @@ SAMPLE_CHAT = [{"role": "user", "content": [text_part("x")]}, {"role": "assistan
 
 
 def render_with_assistant_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render a chat and find, in characters, what each assistant turn contributes, from the template itself: turn i
-    spans from the end of the chat so far rendered with a generation prompt to the end of the chat including turn i,
-    trailing whitespace left out (the end-of-turn token is trained, not the newline after it)."""
+    """Render a chat, with each assistant turn's span in characters, from the template itself: from the end of the chat
+    before it rendered with a generation prompt to the end of the chat through it, less trailing whitespace (the
+    end-of-turn token is trained, not the newline after it)."""
     text = processor.apply_chat_template(messages, tokenize=False)
     spans = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
+    for index in [i for i, message in enumerate(messages) if message["role"] == "assistant"]:
         prompt = processor.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
-        # Up to the last message is the whole conversation, rendered already.
-        last = index + 1 == len(messages)
+        last = index + 1 == len(messages)  # then the chat up to it is the whole one, rendered already
         upto = (text if last else processor.apply_chat_template(messages[: index + 1], tokenize=False)).rstrip()
         if not (upto.startswith(prompt) and text.startswith(upto)):
             raise UsageError("The chat template does not render conversations as growing prefixes, so assistant tokens "
@@ -1703,7 +1649,7 @@ def assistant_token_labels(input_ids: np.ndarray, token_starts: np.ndarray, span
 def format_trained_tokens(tokenizer, input_ids, labels) -> str:
     """Decode a row with the trained stretches in [[...]] and long runs of one token (images) collapsed."""
     pieces = []
-    pairs = zip((int(t) for t in input_ids), (int(label) for label in labels))
+    pairs = zip(map(int, input_ids), map(int, labels))
     for trained, stretch in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX):
         text = decode_collapsing_runs(tokenizer, [token for token, _ in stretch])
         pieces.append(f"[[{text}]]" if trained else text)
@@ -1730,9 +1676,9 @@ def decode_collapsing_runs(tokenizer, ids: list[int], min_run: int = 4) -> str:
 
 class VisionChatCollator:
     """Turns dataset rows into model batches that train on assistant tokens only, encoding them per batch (the
-    validation pass only checks them). What this adds to the encoder: bad rows it still finds (pixels that do not
-    decode, or with --validate_rows none) stop the run or are dropped (--invalid_rows), --max_seq_length, and padding
-    to the lengths --padding_strategy allows."""
+    validation pass only checks them). Beyond the encoder: bad rows it still finds (undecodable pixels, or any with
+    --validate_rows none) stop the run or are dropped (--invalid_rows); --max_seq_length; padding to the lengths
+    --padding_strategy allows."""
 
     def __init__(self, encoder: ChatEncoder, data_args: DataArguments, skipped_rows: SkippedRows,
                  extra_model_inputs: Optional[dict] = None):
@@ -1741,7 +1687,6 @@ class VisionChatCollator:
         self.skipped_rows = skipped_rows
         # Forward keyword arguments the trainer passes on with every batch (Gemma 3's HPU attention options).
         self.extra_model_inputs = extra_model_inputs or {}
-        self.pad_token_id = encoder.pad_token_id
 
     def __call__(self, features: list[dict]) -> dict:
         try:
@@ -1811,20 +1756,18 @@ class VisionChatCollator:
         return longest
 
     def pad(self, rows: list[EncodedRow], processed: dict, batch_size: int) -> dict:
-        if not rows:
-            rows = [self.encoder.stand_in_row()] * batch_size
+        rows = rows or [self.encoder.stand_in_row()] * batch_size
         length = self.padded_length(max(len(r.input_ids) for r in rows))
-        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        fill = {"input_ids": self.encoder.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
         if rows[0].token_type_ids is not None:
             fill["token_type_ids"] = 0
         batch = {key: torch.full((len(rows), length), value, dtype=torch.long) for key, value in fill.items()}
-        kept_images = []
         for i, row in enumerate(rows):
             values = {"input_ids": row.input_ids, "attention_mask": 1, "labels": row.labels,
                       "token_type_ids": row.token_type_ids}
             for key in fill:
                 batch[key][i, : len(row.input_ids)] = torch.as_tensor(values[key])
-            kept_images.extend(range(row.image_slice.start, row.image_slice.stop))
+        kept_images = [j for row in rows for j in range(row.image_slice.start, row.image_slice.stop)]
         if kept_images:
             batch.update(self.encoder.image_inputs(processed, kept_images))
         # Which rows these are, for error messages; taken out before the model's forward (TrainingLossMonitor).
@@ -1842,12 +1785,10 @@ def check_fits(length: int, trained_positions: np.ndarray, limit: int) -> None:
     if length <= limit:
         return
     gaps = np.flatnonzero(np.diff(trained_positions) > 1)
-    first_token_of_last_answer = int(trained_positions[gaps[-1] + 1] if len(gaps) else trained_positions[0])
-    if limit <= first_token_of_last_answer:
-        raise InvalidRowError(
-            "too_long", f"{length} tokens; the last answer starts at token {first_token_of_last_answer}, "
-            f"beyond --max_seq_length {limit}"
-        )
+    last_answer_start = int(trained_positions[gaps[-1] + 1] if len(gaps) else trained_positions[0])
+    if limit <= last_answer_start:
+        raise InvalidRowError("too_long", f"{length} tokens; the last answer starts at token {last_answer_start}, "
+                                          f"beyond --max_seq_length {limit}")
 
 
 def dry_run_data(args: ScriptArguments) -> dict:
@@ -1875,10 +1816,10 @@ def dry_run_data(args: ScriptArguments) -> dict:
             if bos is not None and int((ids == bos).sum()) != 1:
                 raise UsageError(f"Dry run: {where} has {int((ids == bos).sum())} <bos> tokens, not 1.")
         kept = set(batch["row_ids"].tolist())
+        images = [as_image_list(f["row"].get(schema.image_column)) for f in features if f["row_index"] in kept]
         checked["batches"] += 1
         checked["rows"] += int(real.sum())
-        kept_features = [feature for feature in features if feature["row_index"] in kept]
-        checked["images"] += sum(len(as_image_list(f["row"].get(schema.image_column))) for f in kept_features)
+        checked["images"] += sum(map(len, images))
     log_trained_sample(collator, {"train": rows})
     logger.info(f"Dry run passed: {dict(checked)}; every row has trained tokens and one <bos>.")
     return dict(checked)
@@ -1898,16 +1839,13 @@ def log_trained_sample(collator: VisionChatCollator, splits: dict) -> None:
 
 
 def load_model(model_args: ModelArguments, training_args, config):
-    if model_args.torch_dtype != "auto":
-        dtype = getattr(torch, model_args.torch_dtype)
-    else:
-        dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    auto = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    dtype = auto if model_args.torch_dtype == "auto" else getattr(torch, model_args.torch_dtype)
     attention = training_args.attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(
-        model_args.model_name_or_path, config=config, torch_dtype=dtype,
+        model_args.model_name_or_path, config=config, torch_dtype=dtype, **hub_kwargs(model_args),
         # Gaudi's fused attention is switched on per forward call (see hpu_model_inputs), not at load time.
-        attn_implementation="eager" if attention == "gaudi_fused_sdpa" else attention, **hub_kwargs(model_args),
-    )
+        attn_implementation="eager" if attention == "gaudi_fused_sdpa" else attention)
     # The KV cache is useless in training and conflicts with gradient checkpointing.
     model.config.use_cache = False
     if getattr(model.config, "text_config", None) is not None:
@@ -1920,7 +1858,6 @@ def load_model(model_args: ModelArguments, training_args, config):
 
 def apply_lora(model, lora_args: LoraArguments, family: ModelFamily):
     from peft import LoraConfig, get_peft_model
-
     requested = lora_args.lora_target_modules
     if not requested:
         targets = default_lora_targets(model, family, lora_args)
@@ -1928,12 +1865,10 @@ def apply_lora(model, lora_args: LoraArguments, family: ModelFamily):
         targets = requested[0]  # one regular expression
     else:
         targets = list(requested)
-    config = LoraConfig(
-        r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
-        target_modules=targets, task_type="CAUSAL_LM",
-        # Trained in full and saved with the adapter.
-        modules_to_save=[module_named(model, family.projector)[0]] if lora_args.train_projector else None,
-    )
+    # The projector, when asked, is trained in full and saved with the adapter.
+    to_save = [module_named(model, family.projector)[0]] if lora_args.train_projector else None
+    config = LoraConfig(r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM", modules_to_save=to_save)
     try:
         model = get_peft_model(model, config)
     except ValueError as e:
@@ -1959,10 +1894,8 @@ def default_lora_targets(model, family: ModelFamily, lora_args: LoraArguments) -
 
 def linear_layers_pattern(prefix: str, module: torch.nn.Module, exclude: Optional[str] = None) -> str:
     """A regex (without anchors) for the linear layers under `prefix`, by their last names."""
-    leaf_names = sorted(
-        {name.rsplit(".", 1)[-1] for name, layer in module.named_modules()
-         if isinstance(layer, torch.nn.Linear) and not (exclude and name.startswith(exclude))}
-    )
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name, layer in module.named_modules()
+                         if isinstance(layer, torch.nn.Linear) and not (exclude and name.startswith(exclude))})
     if not leaf_names:
         raise UsageError(f"No linear layers under '{prefix}'; set --lora_target_modules.")
     excluded = rf"(?!{re.escape(exclude)}\.)" if exclude else ""
@@ -1989,18 +1922,24 @@ def build_trainer(model, training_args, model_args, run_args, processor, splits,
         model=model, args=training_args, train_dataset=splits.get("train"), eval_dataset=splits.get("eval"),
         data_collator=collator, processing_class=processor, compute_loss_func=monitor.loss,
         # Preemption first: the checkpoint it asks for at a step end is then a save the monitor checks before.
-        callbacks=[PreemptionHandler(), monitor],
-    )
+        callbacks=[PreemptionHandler(), monitor])
     if not hasattr(training_args, "use_habana"):
         return WholeSplitEvaluationTrainer(**common)
-    from optimum.habana import GaudiConfig
+    from optimum.habana import GaudiConfig, GaudiTrainer
+
+    class TokenCountingGaudiTrainer(WholeSplitEvaluationTrainer, GaudiTrainer):
+        """GaudiTrainer with whole-split evaluation (the MRO puts WholeSplitEvaluationTrainer's overrides before
+        GaudiTrainer's) and a trained-token count for the accumulation window that works with unequal lengths:
+        GaudiTrainer concatenates the window's labels to count them, which fails silently when micro-batches differ
+        in length (bucket or longest padding), leaving the loss not normalized over the window; Trainer sums per
+        micro-batch."""
+
+        get_batch_samples_transformers = Trainer.get_batch_samples
 
     # --model_revision pins the model's commit; the Gaudi config is another repository, read at its default branch.
-    gaudi_config = (
-        GaudiConfig.from_pretrained(training_args.gaudi_config_name, cache_dir=model_args.cache_dir)
-        if training_args.gaudi_config_name else GaudiConfig()
-    )
-    return gaudi_trainer_class()(gaudi_config=gaudi_config, **common)
+    name = training_args.gaudi_config_name
+    gaudi_config = GaudiConfig.from_pretrained(name, cache_dir=model_args.cache_dir) if name else GaudiConfig()
+    return TokenCountingGaudiTrainer(gaudi_config=gaudi_config, **common)
 
 
 class TrainingLossMonitor(transformers.TrainerCallback):
@@ -2013,8 +1952,7 @@ class TrainingLossMonitor(transformers.TrainerCallback):
     """
 
     def __init__(self, non_finite_loss: str = "error", split: str = "train"):
-        self.non_finite_loss = non_finite_loss
-        self.split = split
+        self.non_finite_loss, self.split = non_finite_loss, split
         # Counted where the loss is computed, so dataloader workers do not hide them; in Gaudi lazy mode each
         # new (batch, length, kept logits) shape is a graph compile.
         self.shapes = {"train": collections.Counter(), "eval": collections.Counter()}
@@ -2060,15 +1998,13 @@ class TrainingLossMonitor(transformers.TrainerCallback):
         return grad if self.non_finite is None else grad.masked_fill(self.non_finite, 0)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        device = args.device
         self.first_bad = {
-            "count": torch.zeros((), dtype=torch.int32, device=device),
+            "count": torch.zeros((), dtype=torch.int32, device=args.device),
             # The step under way, counted on the device so that noting it costs no transfer.
-            "current_step": torch.tensor(state.global_step, dtype=torch.int32).to(device),
-            "step": torch.full((), -1, dtype=torch.int32, device=device),
-            "rows": torch.full((args.per_device_train_batch_size,), -1, dtype=torch.long, device=device),
-            "loss": torch.zeros((), dtype=torch.float32, device=device),
-        }
+            "current_step": torch.tensor(state.global_step, dtype=torch.int32).to(args.device),
+            "step": torch.full((), -1, dtype=torch.int32, device=args.device),
+            "rows": torch.full((args.per_device_train_batch_size,), -1, dtype=torch.long, device=args.device),
+            "loss": torch.zeros((), dtype=torch.float32, device=args.device)}
         self.checked_step = state.global_step
         self.gradient_hooks = [p.register_hook(self.zero_if_non_finite) for p in model.parameters() if p.requires_grad]
 
@@ -2143,12 +2079,11 @@ class TrainingLossMonitor(transformers.TrainerCallback):
 
 
 def kept_logit_positions(labels: torch.Tensor) -> torch.Tensor:
-    """The model's `logits_to_keep`: the positions whose next token is trained in some row of the batch, padded with
-    the last position (whose next token is never trained) to a power of two, at least 16 and at most the length, so
-    that few shapes occur. Every family's forward takes a tensor of positions: transformers 4.55.4 models/gemma3/
-    modeling_gemma3.py:1095, qwen2_5_vl/modeling_qwen2_5_vl.py:1515, llava_next/modeling_llava_next.py:690;
-    optimum-habana 1.21.2 transformers/models/gemma3/modeling_gemma3.py:940,999, qwen2_5_vl/modeling_qwen2_5_vl.py:
-    1065, llava_next/modeling_llava_next.py:130 (to the upstream forward)."""
+    """The model's `logits_to_keep`: positions whose next token some row trains, padded with the last (never trained) to
+    a power of two (at least 16, at most the length), so that few shapes occur. Every family's forward takes a tensor of
+    positions: transformers 4.55.4 models/gemma3/modeling_gemma3.py:1095, qwen2_5_vl/modeling_qwen2_5_vl.py:1515,
+    llava_next/modeling_llava_next.py:690; optimum-habana 1.21.2 transformers/models/gemma3/modeling_gemma3.py:940,999,
+    qwen2_5_vl/modeling_qwen2_5_vl.py:1065, llava_next/modeling_llava_next.py:130 (to the upstream forward)."""
     length = labels.shape[1]
     needed = torch.nonzero((labels[:, 1:] != IGNORE_INDEX).any(dim=0)).flatten()
     size = min(length, max(16, 1 << (len(needed) - 1).bit_length()))
@@ -2163,26 +2098,22 @@ def labels_at_kept_positions(labels: torch.Tensor, kept_positions: torch.Tensor)
 
 
 def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Next-token cross-entropy over trained tokens (`labels[:, t + 1]` is the target of `logits[:, t]`), in float32,
-    with static shapes. The sum is divided by the trained tokens of the whole gradient-accumulation window (the
-    trainer's `num_items_in_batch`), so accumulating N batches of 1 gives the gradient of one batch of N."""
+    """Float32 next-token cross-entropy over trained tokens (`labels[:, t + 1]` targets `logits[:, t]`), static shapes,
+    divided by the trained tokens of the whole accumulation window (the trainer's `num_items_in_batch`), so that
+    accumulating N batches of 1 gives the gradient of one batch of N."""
     token_losses, trained = next_token_losses(outputs, labels)
-    loss_sum = token_losses.sum()
-    if num_items_in_batch is None:
-        num_items_in_batch = trained.sum()
-    if torch.is_tensor(num_items_in_batch):
-        return loss_sum / num_items_in_batch.to(loss_sum.device).clamp(min=1)
-    return loss_sum / max(int(num_items_in_batch), 1)
+    count = trained.sum() if num_items_in_batch is None else num_items_in_batch
+    if torch.is_tensor(count):
+        return token_losses.sum() / count.to(token_losses.device).clamp(min=1)
+    return token_losses.sum() / max(int(count), 1)
 
 
 def next_token_losses(outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position float32 cross-entropy (0 where nothing is trained) and the trained-position mask."""
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
     targets = labels[:, 1:].to(logits.device)
-    logits = logits[:, : targets.shape[1], :].float()
-    losses = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
+    logits = logits[:, : targets.shape[1], :].float().flatten(0, 1)
+    losses = torch.nn.functional.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     return losses.view(targets.shape), targets != IGNORE_INDEX
 
 
@@ -2219,25 +2150,24 @@ class PreemptionHandler(transformers.TrainerCallback):
             requested = bool(flag.item())
         if requested:
             self.stopped_at_step = state.global_step
-            control.should_save = True
-            control.should_training_stop = True
+            control.should_save = control.should_training_stop = True
 
 
-class WholeSplitEvaluation:
-    """Trainer mixin: evaluation sees every row of the split, and its loss is the per-token mean over it. Trainer and
-    GaudiTrainer average per-batch means (transformers/trainer.py evaluation_loop; optimum/habana/transformers/
-    trainer.py:2263-2265), weighing a short answer like a long one and varying with the batch size."""
+class WholeSplitEvaluationTrainer(Trainer):
+    """Trainer whose evaluation sees every row of the split, its loss the per-token mean over it (build_trainer also
+    puts it in front of GaudiTrainer). Trainer and GaudiTrainer average per-batch means (transformers/trainer.py
+    evaluation_loop; optimum/habana/transformers/trainer.py:2263-2265), weighing a short answer like a long one and
+    varying with the batch size."""
 
     def _get_dataloader(self, *args, is_training: bool = False, **kwargs):
-        if is_training or not self.args.dataloader_drop_last:
-            return super()._get_dataloader(*args, is_training=is_training, **kwargs)
         # --dataloader_drop_last is for training shapes; transformers/trainer.py:1030 applies it to evaluation
         # too, which would drop up to batch - 1 rows per rank.
-        self.args.dataloader_drop_last = False
+        drop_last = self.args.dataloader_drop_last
+        self.args.dataloader_drop_last = drop_last and is_training
         try:
             return super()._get_dataloader(*args, is_training=is_training, **kwargs)
         finally:
-            self.args.dataloader_drop_last = True
+            self.args.dataloader_drop_last = drop_last
 
     def evaluation_loop(self, dataloader, *args, metric_key_prefix: str = "eval", **kwargs):
         monitor = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, TrainingLossMonitor))
@@ -2252,31 +2182,12 @@ class WholeSplitEvaluation:
         return output
 
 
-class WholeSplitEvaluationTrainer(WholeSplitEvaluation, Trainer):
-    pass
-
-
-def gaudi_trainer_class():
-    from optimum.habana import GaudiTrainer
-
-    class TokenCountingGaudiTrainer(WholeSplitEvaluation, GaudiTrainer):
-        """GaudiTrainer whose trained-token count for the accumulation window works with unequal lengths: GaudiTrainer
-        concatenates the window's labels to count them, which fails silently when micro-batches differ in length
-        (bucket or longest padding), leaving the loss not normalized over the window; Trainer sums per micro-batch."""
-
-        def get_batch_samples_transformers(self, epoch_iterator, num_batches, device):
-            return Trainer.get_batch_samples(self, epoch_iterator, num_batches, device)
-
-    return TokenCountingGaudiTrainer
-
-
 def train_and_save(trainer, num_rows: int) -> None:
     """Train (resuming from the checkpoint the arguments settled on), then save the adapter, processor and metrics."""
     args = trainer.args
-    per_device, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    logger.info(f"Running training on {num_rows} rows: world size {args.world_size}, per-device batch {per_device}, "
-                f"gradient accumulation {accumulation}, effective batch size "
-                f"{per_device * args.world_size * accumulation}")
+    batch, accumulation, world = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size
+    logger.info(f"Running training on {num_rows} rows: world size {world}, per-device batch {batch}, "
+                f"gradient accumulation {accumulation}, effective batch size {batch * world * accumulation}")
     preemption = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionHandler))
     previous_handler = preemption.install()
     try:
@@ -2323,8 +2234,7 @@ def evaluate_split(trainer, rows: IndexedRows, prefix: str, generator: Optional[
     metrics[f"{prefix}_samples"] = len(rows)
     if generator is not None:
         records = generator.evaluate(trainer.accelerator.unwrap_model(trainer.model), rows, trainer.accelerator)
-        scores = aggregate_scores(records, generator.group_column)
-        scores = {f"{prefix}_{name}": value for name, value in scores.items()}
+        scores = {f"{prefix}_{k}": v for k, v in aggregate_scores(records, generator.group_column).items()}
         metrics.update(scores)
         trainer.log(scores)
         if trainer.args.should_save:
@@ -2356,10 +2266,9 @@ class GenerationEvaluator:
     @classmethod
     def for_run(cls, encoder: ChatEncoder, skipped_rows: SkippedRows, args: ScriptArguments) -> GenerationEvaluator:
         """The evaluator of --generation_eval: batches and lengths as in evaluation, HPU options on Gaudi."""
-        data, training = args.data, args.training
-        prompt_lengths = data.length_buckets if data.padding_strategy == "bucket" else None
-        return cls(encoder, skipped_rows, args.evaluation, training.per_device_eval_batch_size, prompt_lengths,
-                   hpu_generation_options(training))
+        prompt_lengths = args.data.length_buckets if args.data.padding_strategy == "bucket" else None
+        return cls(encoder, skipped_rows, args.evaluation, args.training.per_device_eval_batch_size, prompt_lengths,
+                   hpu_generation_options(args.training))
 
     def generate(self, model, features: list[dict]) -> list[dict]:
         prepared = []
@@ -2379,10 +2288,8 @@ class GenerationEvaluator:
         inputs = self.pad_prompts(inputs).to(model.device)
         self.prompt_shapes[tuple(inputs["input_ids"].shape)] += 1
         with torch.no_grad():
-            output = model.generate(
-                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, use_cache=True,
-                eos_token_id=stop_token_ids(model, self.end_of_turn), **self.generate_options,
-            )
+            output = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, use_cache=True,
+                                    eos_token_id=stop_token_ids(model, self.end_of_turn), **self.generate_options)
         answers = self.encoder.decode(output[:, inputs["input_ids"].shape[1]:])
         records = []
         for (feature, _, _, golds, question), answer in zip(prepared, answers):
@@ -2424,20 +2331,17 @@ class GenerationEvaluator:
     def write_predictions(self, path: Path, evaluation: str, records: list[dict]) -> None:
         """Append to predictions.jsonl; the first write of a run starts the file afresh."""
         with open(path, "a" if self.predictions_written else "w") as f:
-            for record in records:
-                f.write(json.dumps({"evaluation": evaluation, **record}, default=str) + "\n")
+            f.writelines(json.dumps({"evaluation": evaluation, **record}, default=str) + "\n" for record in records)
         self.predictions_written = True
 
     def write_table(self, training_args, evaluation: str, records: list[dict], step: int, rows: int = 16) -> None:
         """A TensorBoard text table of the first `rows` rows (the same ones before and after training)."""
         from torch.utils.tensorboard import SummaryWriter
-
         header = "| row | question | gold answers | prediction | relaxed accuracy | ANLS |\n|---|---|---|---|---|---|\n"
         cells = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
         table = header + "".join(
             f"| {r['row_index']} | {cells(r['question'])} | {cells(' / '.join(r['gold_answers']))} | "
-            f"{cells(r['prediction'])} | {r['relaxed_accuracy']:.0f} | {r['anls']:.2f} |\n" for r in records[:rows]
-        )
+            f"{cells(r['prediction'])} | {r['relaxed_accuracy']:.0f} | {r['anls']:.2f} |\n" for r in records[:rows])
         with SummaryWriter(log_dir=training_args.logging_dir) as writer:
             writer.add_text(f"{evaluation}/predictions", table, global_step=step)
 
@@ -2470,10 +2374,8 @@ _NUMBER_RE = re.compile(r"^([+-]?)\$?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+
 
 def normalize_answer(text) -> str:
     """Canonical form for the lenient relaxed accuracy: lower-cased, stripped, whitespace runs collapsed, then one
-    trailing period dropped ("Blue ." -> "blue"); other punctuation and articles kept. None is ""; others go via str."""
-    if text is None:
-        return ""
-    text = " ".join(str(text).lower().split())
+    trailing period dropped ("Blue ." -> "blue"); other punctuation and articles kept."""
+    text = " ".join(answer_text(text).lower().split())
     return text[:-1].rstrip() if text.endswith(".") else text
 
 
@@ -2481,8 +2383,6 @@ def parse_number(text) -> Optional[float]:
     """The plain number an answer spells for the lenient relaxed accuracy, else None. Accepts surrounding whitespace,
     a sign, a leading "$", thousands grouped in threes and a trailing "%" (dropped, not divided: "12%" -> 12.0);
     "12 apples", "1e3", "nan", "1,23" and "" give None."""
-    if text is None:
-        return None
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return float(text) if math.isfinite(text) else None
     match = _NUMBER_RE.match(str(text).strip())
@@ -2575,7 +2475,6 @@ def score_prediction(prediction, golds) -> dict:
 def aggregate_scores(records: list, group_key: Optional[str] = None) -> dict:
     """Per metric of METRIC_NAMES, the mean over the records holding it; with `group_key` (e.g. ChartQA's
     "human_or_machine"), also per value of it as "<metric>_<value>" ("anls_human"). No records -> {}."""
-
     def means(rows) -> dict:
         result = {}
         for name in METRIC_NAMES:
@@ -2615,7 +2514,7 @@ def write_outputs(trainer, skipped_rows: SkippedRows, processor, args: ScriptArg
         export_merged(model, processor, Path(trainer.args.output_dir, "merged"))
 
 
-def export_merged(model, processor, output_dir: Path) -> Path:
+def export_merged(model, processor, output_dir: Path) -> None:
     """Fold the LoRA weights into the base model and save what a server or a pipeline loads as is."""
     merged = model.merge_and_unload()
     merged.config.use_cache = True
@@ -2625,16 +2524,15 @@ def export_merged(model, processor, output_dir: Path) -> Path:
     merged.save_pretrained(output_dir, safe_serialization=True)
     processor.save_pretrained(output_dir)
     logger.info(f"Merged model written to {output_dir} (end of generation: {merged.generation_config.eos_token_id})")
-    return output_dir
 
 
-def merge_saved_adapter(args: ScriptArguments) -> Path:
+def merge_saved_adapter(args: ScriptArguments) -> None:
     """--merge_adapter without training: fold --adapter_path into the base model, written to <output_dir>/merged."""
     if not args.run.adapter_path:
         raise UsageError("--merge_adapter without --do_train needs --adapter_path (a saved adapter folder).")
     setup_run(args.training)
     model, processor, _ = load_model_with_adapter(args)
-    return export_merged(model, processor, Path(args.training.output_dir, "merged"))
+    export_merged(model, processor, Path(args.training.output_dir, "merged"))
 
 
 def answer_one_question(args: ScriptArguments) -> str:
@@ -2653,7 +2551,6 @@ def answer_one_question(args: ScriptArguments) -> str:
 def load_model_with_adapter(args: ScriptArguments):
     """(model with --adapter_path applied if given, processor, family), for the modes that do not train."""
     from peft import PeftModel
-
     config, family, processor = load_processor(args.model)
     model = load_model(args.model, args.training, config)
     if args.run.adapter_path:
@@ -2667,8 +2564,8 @@ def load_model_with_adapter(args: ScriptArguments):
 
 
 def missing_gaudi_packages() -> str:
-    """Which part of Gaudi's software stack is missing, as a sentence subject ('' when none is). Only looks the
-    packages up: importing optimum.habana without Habana's stack crashes the process."""
+    """The missing part of Gaudi's stack as a sentence subject ('' if none), found without importing optimum.habana
+    (which crashes the process without Habana's stack)."""
     bridge, optimum = (importlib.util.find_spec(name) is not None for name in ("habana_frameworks", "optimum"))
     optimum_habana = optimum and importlib.util.find_spec("optimum.habana") is not None
     if bridge and optimum_habana:
@@ -2679,9 +2576,8 @@ def missing_gaudi_packages() -> str:
 
 
 def training_arguments_class(given: dict[str, str]) -> type:
-    """GaudiTrainingArguments where Habana's stack is installed; the portable ones elsewhere, and for the modes that
-    do not train (one question, merging an adapter, data dry runs) without --use_habana, which GaudiTrainingArguments
-    requires."""
+    """GaudiTrainingArguments where Habana's stack is installed, except for the modes that do not train without
+    --use_habana (which GaudiTrainingArguments requires); the portable ones elsewhere."""
     modes_without_training = {"predict_image", "dry_run_data"} & set(given)
     trains = not (modes_without_training or ("merge_adapter" in given and "do_train" not in given))
     if not missing_gaudi_packages() and (trains or "use_habana" in given):
@@ -2703,8 +2599,8 @@ def hpu_generation_options(training_args) -> dict:
 
 
 def export_mpi_rank_environment() -> None:
-    """Under mpirun, expose the rank in the variables torch.distributed and accelerate read (as torchrun does);
-    without LOCAL_RANK, accelerate does not take the multi-HPU (HCCL) path on Gaudi."""
+    """Under mpirun, the rank in the variables torch.distributed and accelerate read (as torchrun sets them); without
+    LOCAL_RANK, accelerate does not take the multi-HPU (HCCL) path on Gaudi."""
     if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" not in os.environ:
         return
     mpi_names = {"RANK": "OMPI_COMM_WORLD_RANK", "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE",
@@ -2715,8 +2611,8 @@ def export_mpi_rank_environment() -> None:
 
 
 def hpu_model_inputs(training_args, family: ModelFamily) -> dict:
-    """Gemma 3's HPU forward options, sent with every batch when training on Gaudi: optimum-habana's Gemma 3 port
-    takes them as forward arguments and GaudiTrainer does not pass them."""
+    """Gemma 3's HPU forward options, sent with every batch on Gaudi: optimum-habana's port takes them as forward
+    arguments, and GaudiTrainer does not pass them."""
     if not (family.hpu_attention_options and getattr(training_args, "use_habana", False)):
         return {}
     return {
@@ -2724,8 +2620,7 @@ def hpu_model_inputs(training_args, family: ModelFamily) -> dict:
         "flash_attention_recompute": training_args.flash_attention_recompute,
         "flash_attention_causal_mask": training_args.flash_attention_causal_mask,
         "flash_attention_fast_softmax": training_args.flash_attention_fast_softmax,
-        # The port marks lazy-mode steps unless told otherwise, even in eager mode.
-        "lazy_mode": training_args.use_lazy_mode,
+        "lazy_mode": training_args.use_lazy_mode,  # else the port marks lazy-mode steps even in eager mode
     }
 
 
@@ -2736,20 +2631,18 @@ def hpu_model_inputs(training_args, family: ModelFamily) -> dict:
 
 def gemma3_reference_attention_masks(attention_mask: torch.Tensor, token_type_ids: Optional[torch.Tensor],
                                      sliding_window: Optional[int], dtype: torch.dtype) -> dict:
-    """Gemma 3's attention pattern as the per-layer masks optimum-habana's port accepts, following transformers 4.55.4
-    (models/gemma3/modeling_gemma3.py:905-934, masking_utils.py:78-87,116-127): a query sees a non-padding key that
-    comes before it (on sliding layers, fewer than `sliding_window` positions before) or lies in the same image (a run
-    of token_type_ids == 1, attending both ways). Additive (batch, 1, length, length) masks of `dtype`, built on the
-    input's device with no value read back to the host: one lazy-mode graph per batch shape."""
+    """Gemma 3's attention as transformers 4.55.4 builds it (models/gemma3/modeling_gemma3.py:905-934,
+    masking_utils.py:78-87,116-127), as the per-layer additive masks optimum-habana's port accepts: a query sees a
+    non-padding key before it (on sliding layers, fewer than `sliding_window` before) or in the same image (a run of
+    token_type_ids == 1). Built on the device, nothing read back: one lazy-mode graph per batch shape."""
     batch, length = attention_mask.shape
     device = attention_mask.device
     positions = torch.arange(length, device=device)
     query_position, key_position = positions.view(length, 1), positions.view(1, length)
     earlier_or_self = (key_position <= query_position).view(1, 1, length, length)
     key_present = (attention_mask != 0).view(batch, 1, 1, length)
-    if token_type_ids is None:
-        same_image = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device=device)
-    else:
+    same_image = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device=device)
+    if token_type_ids is not None:
         is_image = token_type_ids == 1
         previous_is_image = torch.cat([torch.zeros_like(is_image[:, :1]), is_image[:, :-1]], dim=1)
         # Images numbered 1, 2, ... along the row; text tokens get 0 and never match below.
@@ -2757,20 +2650,16 @@ def gemma3_reference_attention_masks(attention_mask: torch.Tensor, token_type_id
         same_image = is_image.view(batch, 1, length, 1) & (
             image_number.view(batch, 1, length, 1) == image_number.view(batch, 1, 1, length)
         )
-    full = (earlier_or_self | same_image) & key_present
-    sliding = full
-    if sliding_window is not None:
-        in_window = ((query_position - key_position) < sliding_window).view(1, 1, length, length)
-        sliding = ((earlier_or_self & in_window) | same_image) & key_present
+    in_window = True if sliding_window is None else (query_position - key_position) < sliding_window
     visible = torch.zeros((), dtype=dtype, device=device)
     hidden = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
-    return {"full_attention": torch.where(full, visible, hidden),
-            "sliding_attention": torch.where(sliding, visible, hidden)}
+    return {"full_attention": torch.where((earlier_or_self | same_image) & key_present, visible, hidden),
+            "sliding_attention": torch.where((earlier_or_self & in_window | same_image) & key_present, visible, hidden)}
 
 
 def gemma3_reference_attention_hook(module, args: tuple, kwargs: dict):
-    """Forward pre-hook of the port's Gemma3Model: replaces the 2D padding mask by the reference masks, for a
-    full-sequence forward with token_type_ids (training, evaluation); a cached decoding step or a mask dict passes."""
+    """Forward pre-hook of the port's Gemma3Model: the reference masks in place of the 2D padding mask, for a
+    full-sequence forward with token_type_ids; a cached decoding step or a mask dict passes as it is."""
     token_type_ids, attention_mask = kwargs.get("token_type_ids"), kwargs.get("attention_mask")
     if token_type_ids is None or isinstance(attention_mask, dict) or kwargs.get("past_key_values") is not None:
         return None
@@ -2787,14 +2676,11 @@ def gemma3_reference_attention_hook(module, args: tuple, kwargs: dict):
 
 
 def use_gemma3_reference_attention(model, training_args):
-    """On Gaudi, make optimum-habana's Gemma 3 port attend as transformers' Gemma 3 does, in every forward.
-
-    optimum-habana 1.21.2's port takes token_type_ids but never reads them (models/gemma3/modeling_gemma3.py:828,
-    970-995), so image tokens would attend causally only; and its own sliding-window mask (modeling_attn_mask_utils.py:
-    60-65) lets a query see `sliding_window + 1` keys where transformers allows `sliding_window` (masking_utils.py:85).
-    It does use a dict of per-layer masks when given one (modeling_gemma3.py:631, 683), which the pre-hook installed
-    here supplies. Returns the hook's handle, or None where nothing is needed (not training on Gaudi, not Gemma 3).
-    """
+    """On Gaudi, make optimum-habana's Gemma 3 port attend as transformers' Gemma 3 does; returns the hook's handle,
+    or None where nothing is needed. optimum-habana 1.21.2's port never reads token_type_ids (models/gemma3/
+    modeling_gemma3.py:828, 970-995), so image tokens would attend causally only, and its sliding-window mask
+    (modeling_attn_mask_utils.py:60-65) shows `sliding_window + 1` keys where transformers shows `sliding_window`
+    (masking_utils.py:85). It does take a dict of per-layer masks (modeling_gemma3.py:631, 683): the hook's."""
     if not getattr(training_args, "use_habana", False) or getattr(model.config, "model_type", None) != "gemma3":
         return None
     from optimum.habana.transformers.models.gemma3.modeling_gemma3 import GaudiGemma3Model
@@ -2808,12 +2694,10 @@ def use_gemma3_reference_attention(model, training_args):
 
 
 def check_gemma3_hpu_attention_flags(model_type: str, training_args) -> None:
-    """Refuse the fused-attention flags that would make Gemma 3 on Gaudi train something else, or crash.
-
-    --flash_attention_causal_mask calls the fused kernel with is_causal=True and no mask on every layer
-    (models/gemma3/modeling_gemma3.py:323-326): image tokens lose their two-way attention and sliding layers their
-    window. --flash_attention_fast_softmax with --flash_attention_recompute trips an assertion of Habana's FusedSDPA
-    wrapper in training unless is_causal (hpex/kernels/FusedSDPA.py), which the masked call never is.
+    """Refuse the fused-attention flags that would make Gemma 3 on Gaudi train something else, or crash:
+    --flash_attention_causal_mask calls the kernel with is_causal=True and no mask on every layer (models/gemma3/
+    modeling_gemma3.py:323-326), dropping the images' two-way attention and the sliding window; fast softmax with
+    recompute trips an assertion of Habana's FusedSDPA wrapper in training unless is_causal (hpex/kernels/FusedSDPA.py).
     """
     if model_type != "gemma3" or not getattr(training_args, "use_habana", False):
         return
