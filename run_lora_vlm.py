@@ -1049,11 +1049,16 @@ def image_source(value: Any, base_dir: Optional[Path]):
     if isinstance(value, (Image.Image, bytes, bytearray)):
         return bytes(value) if isinstance(value, bytearray) else value
     if isinstance(value, str) and value:
-        path = Path(value) if base_dir is None else Path(base_dir, value)  # an absolute value stays as it is
+        path = image_path(value, base_dir)
         if not path.is_file():
             raise InvalidRowError("image_missing", f"image file {str(path)!r} does not exist")
         return str(path)
     raise InvalidRowError("image_missing", f"no image in the row (got {type(value).__name__})")
+
+
+def image_path(name: str, base_dir: Optional[Path]) -> Path:
+    """An image file named in a row: relative to the dataset's folder, where it has one; an absolute name as is."""
+    return Path(name) if base_dir is None else Path(base_dir, name)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -1257,9 +1262,8 @@ def named_files(array: pa.Array) -> list[str]:
 
 
 def file_stamp(name: str, base_dir: Optional[Path]) -> tuple:
-    path = Path(name) if base_dir is None or Path(name).is_absolute() else base_dir / name
     try:
-        stat = path.stat()
+        stat = image_path(name, base_dir).stat()
         return name, stat.st_size, stat.st_mtime_ns
     except OSError:
         return name, None
