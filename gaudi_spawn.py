@@ -15,9 +15,15 @@
 
 Back-ends: ``--use_mpi`` (Open MPI's mpirun), ``--use_deepspeed`` or, by default, torchrun (as
 ``python -m torch.distributed.run``, so the ranks use this interpreter); their options follow
-optimum-habana 1.21.2's runner, optimum/habana/distributed/distributed_runner.py.  After building
-the command this process *becomes* the launcher (``os.execvpe``), so exit codes and signals
-(Ctrl-C, SIGTERM) reach mpirun, deepspeed or torchrun natively, which pass them on to the ranks.
+optimum-habana 1.21.2's runner, optimum/habana/distributed/distributed_runner.py.
+
+This process stays the parent of the back-end (in a session of its own) and takes the signals meant for
+the job.  The first SIGTERM or SIGINT (Ctrl-C) becomes a stop request, SIGUSR1, to the ranks: mpirun
+passes SIGUSR1 on to every rank on every node without killing any; for torchrun and deepspeed it goes
+to the ranks running on this node.  run_lora_vlm.py's ranks then agree on a step, finish it, save a
+checkpoint and exit; none of the back-ends starts its kill timer (mpirun's 2 s, torchrun's 30 s), so the
+save takes as long as it needs.  The launcher then exits 143 (SIGTERM) or 130 (SIGINT).  A second
+SIGTERM or SIGINT goes to the back-end and the ranks as it is: everything stops at once.
 
     PT_HPU_LAZY_MODE=1 python gaudi_spawn.py --world_size 8 --use_mpi run_lora_vlm.py --do_train ...
 
@@ -25,13 +31,17 @@ Standard library only: it never imports torch, transformers or optimum.habana.
 """
 
 import argparse
+import hashlib
 import importlib.util
 import math
 import os
 import re
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -48,6 +58,18 @@ INSTALL_HINTS = {
     "deepspeed": "install DeepSpeed, e.g. `pip install deepspeed` (on Gaudi: Habana's DeepSpeed fork)",
     "torchrun": "install PyTorch in this Python environment, e.g. `pip install torch`",
 }
+
+
+# The stop request run_lora_vlm.py's ranks take as "finish the step, save a checkpoint and stop" (its
+# LAUNCHER_STOP_SIGNAL).  Open MPI's mpirun passes SIGUSR1 on to every rank and does nothing else; on SIGTERM or SIGINT
+# it kills the ranks a second or two later (odls_base_sigkill_timeout), and torchrun 30 s later
+# (torch/distributed/elastic/multiprocessing/api.py, close()), whatever a checkpoint save still needs.
+STOP_SIGNAL = signal.SIGUSR1
+JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# DeepSpeed's multi-node runner gives remote ranks only a few variables of its own choosing plus the lines of its
+# environment file: `.deepspeed_env` in the home and the working directory, or the name DS_ENV_FILE gives
+# (deepspeed/launcher/runner.py, DEEPSPEED_ENVIRONMENT_NAME and DEEPSPEED_ENVIRONMENT_PATHS).
+DEEPSPEED_ENV_FILE = ".deepspeed_env"
 
 
 class LaunchError(Exception):
@@ -93,7 +115,8 @@ def parse_args(argv=None):
     if args.hostfile is not None and not (args.use_mpi or args.use_deepspeed):
         parser.error("--hostfile needs --use_mpi or --use_deepspeed (torchrun runs on one node here)")
     if args.env and not args.use_mpi:
-        parser.error("--env needs --use_mpi (mpirun -x); the ranks of torchrun and deepspeed inherit it")
+        parser.error("--env needs --use_mpi (mpirun -x); the ranks of torchrun and deepspeed inherit the "
+                     "environment, and deepspeed's on other hosts also get the lines of your .deepspeed_env")
     for entry in args.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(=.*)?", entry, flags=re.DOTALL):
             parser.error(f"--env {entry!r}: expected NAME or NAME=VALUE")
@@ -184,6 +207,47 @@ def build_deepspeed_command(world_size, script, script_args, master_addr, master
     return cmd + [str(script), *script_args]
 
 
+def deepspeed_env_lines(environ, home, cwd):
+    """The environment file for DeepSpeed's multi-node runner: the lines of the files it would read itself, verbatim
+    and in its order (the user's, never dropped or changed), then NAME=VALUE for each variable mpirun would forward
+    (see `forwarded_env`) that they leave unset.  Values are shell-quoted: the pdsh runner pastes them into
+    `export NAME=VALUE;` (deepspeed/launcher/multinode_runner.py, PDSHRunner.get_cmd)."""
+    name = environ.get("DS_ENV_FILE", DEEPSPEED_ENV_FILE)
+    lines, seen = [], set()
+    for folder in (home, cwd):
+        path = os.path.join(folder, name)  # an absolute DS_ENV_FILE names the same file twice, as for DeepSpeed
+        if os.path.isfile(path) and os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            try:
+                with open(path, encoding="utf-8") as f:
+                    lines += f.read().splitlines()
+            except OSError as exc:
+                raise LaunchError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    user_names = {line.split("=", 1)[0].strip() for line in lines if "=" in line}
+    for variable in forwarded_env(environ):
+        if variable not in user_names:
+            value = environ[variable]
+            if "\n" in value:
+                raise LaunchError(f"{variable} holds a line break, which DeepSpeed's environment file cannot carry")
+            lines.append(f"{variable}={shlex.quote(value)}")
+    return lines
+
+
+def write_deepspeed_env(lines):
+    """Write the environment file for DS_ENV_FILE and return its path.  It is named after its content, in a folder of
+    this user's under the temporary directory, so that a dry run prints the very command a real launch runs."""
+    text = "".join(line + "\n" for line in lines)
+    folder = Path(tempfile.gettempdir(), f"gaudi_spawn-{os.getuid()}")
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_uid != os.getuid():
+        raise LaunchError(f"{folder} belongs to another user; set TMPDIR to a folder of yours")
+    path = folder / f"deepspeed_env-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    partial = folder / f"{path.name}.{os.getpid()}.partial"
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+    return path
+
+
 def build_torchrun_command(world_size, script, script_args, master_addr, master_port):
     """torchrun, run as ``python -m torch.distributed.run`` with this launcher's interpreter."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size)]
@@ -191,16 +255,22 @@ def build_torchrun_command(world_size, script, script_args, master_addr, master_
 
 
 def build_command(args, environ, topology=None):
-    """The launcher command for parsed ``args``; resolves ``args.master_addr`` in place."""
+    """(launcher command, variables to add to its environment) for parsed ``args``; resolves ``args.master_addr`` in
+    place.  For DeepSpeed on several hosts the variables name the environment file the remote ranks get (written)."""
     hosts = read_hostfile(args.hostfile) if args.hostfile is not None else []
     # As optimum-habana's runner: with a hostfile rank 0 runs on its first host (distributed_runner.py:193,254-255).
     args.master_addr = args.master_addr or (hosts[0] if hosts else DEFAULT_MASTER_ADDR)
     common = (args.world_size, args.training_script, args.training_script_args, args.master_addr, args.master_port)
     if args.backend == "mpirun":
-        return build_mpi_command(*common, topology, forwarded_env(environ, args.env), args.hostfile, max(1, len(hosts)))
+        cmd = build_mpi_command(*common, topology, forwarded_env(environ, args.env), args.hostfile, max(1, len(hosts)))
+        return cmd, {}
     if args.backend == "deepspeed":
-        return build_deepspeed_command(*common, hostfile=args.hostfile, num_nodes=max(1, len(hosts)))
-    return build_torchrun_command(*common)
+        cmd = build_deepspeed_command(*common, hostfile=args.hostfile, num_nodes=max(1, len(hosts)))
+        if len(hosts) < 2:
+            return cmd, {}  # on one node DeepSpeed starts every rank here, with this environment
+        lines = deepspeed_env_lines(environ, os.path.expanduser("~"), os.getcwd())
+        return cmd, {"DS_ENV_FILE": str(write_deepspeed_env(lines))}
+    return build_torchrun_command(*common), {}
 
 
 def check_launcher(backend):
@@ -216,8 +286,122 @@ def check_launcher(backend):
         log(f"warning: {found} may run another Python than {sys.executable}")
 
 
-def log(message):
-    print(f"[gaudi_spawn] {message}", file=sys.stderr, flush=True)
+def log(message, own_line=False):
+    """One line to stderr; `own_line`: start it on a line of its own, as the ranks' progress bars end in no newline."""
+    print(f"{chr(10) if own_line else ''}[gaudi_spawn] {message}", file=sys.stderr, flush=True)
+
+
+def runs_script(argv, script):
+    """Whether `argv` is an interpreter running `script` (`python [-u ...] script ...`), not a launcher that names it
+    among its own arguments (`python -m torch.distributed.run ... script`, `mpirun -n 2 python script`)."""
+    if script not in argv[1:]:
+        return False
+    return all(arg.startswith("-") and arg not in ("-m", "-c") for arg in argv[1:argv.index(script, 1)])
+
+
+def rank_processes(root_pid, script, proc_dir="/proc"):
+    """Pids of the processes below `root_pid` that run `script`: the ranks the back-end started on this node.  Not
+    their own children: a rank's data loader workers are forks with the same command line."""
+    children = {}
+    for entry in os.scandir(proc_dir):
+        if entry.name.isdigit():
+            try:
+                with open(os.path.join(entry.path, "stat")) as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(parent, []).append(int(entry.name))
+    ranks, todo = [], [root_pid]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            try:
+                with open(os.path.join(proc_dir, str(pid), "cmdline"), "rb") as f:
+                    argv = f.read().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            (ranks if runs_script(argv, script) else todo).append(pid)
+    return sorted(ranks)
+
+
+def send(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass  # it has just exited
+
+
+def request_stop(backend, proc, script):
+    """Ask every rank to finish its step, save a checkpoint and stop; False when no rank could be asked yet."""
+    if backend == "mpirun":
+        send(proc.pid, STOP_SIGNAL)  # forwarded to every rank, on every node
+        return True
+    # torchrun and deepspeed would kill on any signal they handle, and die of one they do not: so the ranks of this
+    # node are asked directly.  Ranks on other nodes stop with them, as the ranks agree on stopping after every step.
+    ranks = rank_processes(proc.pid, script)
+    for pid in ranks:
+        send(pid, STOP_SIGNAL)
+    return bool(ranks)
+
+
+def stop_at_once(proc, script, signum):
+    """Pass the signal on as it is: to the ranks of this node, which stop at once on a second signal, and to the
+    back-end, whose own handling ends the job (deepspeed's runner on one node does not pass it on)."""
+    for pid in rank_processes(proc.pid, script):
+        send(pid, signum)
+    send(proc.pid, signum)
+
+
+def backend_preexec():
+    """What the back-end's process does before it starts: it gets SIGTERM when this launcher dies, even of SIGKILL
+    (Linux's PR_SET_PDEATHSIG), so that a job whose launcher was killed stops too instead of running on unseen."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl, launcher = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def set_parent_death_signal():
+        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != launcher:  # the launcher died before the line above
+            os._exit(128 + signal.SIGTERM)
+
+    return set_parent_death_signal
+
+
+def run(cmd, env, backend, script):
+    """Run the back-end as this process's child, in a session of its own (a Ctrl-C at the terminal then reaches only
+    this launcher), turning the first SIGTERM or SIGINT into a stop request.  Returns the launcher's exit code: the
+    back-end's, or 128 + the signal when a stop was asked for and the job did not end by itself (143 for SIGTERM,
+    130 for SIGINT)."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=backend_preexec())
+    received = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if len(received) > 1:
+            log(f"{name} again: stopping every rank now; a checkpoint still being written is dropped (resuming picks "
+                "the last complete one)", own_line=True)
+        elif request_stop(backend, proc, script):
+            log(f"{name}: every rank finishes its step, saves a checkpoint and stops, however long the save takes; "
+                f"{name} again stops at once", own_line=True)
+            return
+        else:
+            log(f"{name}: no rank has started on this node yet, nothing to save: passing {name} on to {backend}",
+                own_line=True)
+        stop_at_once(proc, script, signum)
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in JOB_SIGNALS}
+    try:
+        returncode = proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    code = 128 - returncode if returncode < 0 else returncode  # killed by signal N: 128 + N, as a shell reports it
+    if received and code != 0:
+        code = 128 + received[0]
+        log(f"stopped on {signal.Signals(received[0]).name}: exit code {code}", own_line=True)
+    return code
 
 
 def main(argv=None):
@@ -226,23 +410,27 @@ def main(argv=None):
     try:
         if not os.path.isfile(args.training_script):
             raise LaunchError(f"training script {args.training_script!r} not found")
-        cmd = build_command(args, os.environ, topology)
+        cmd, extra_env = build_command(args, os.environ, topology)
         if not args.dry_run:
             check_launcher(args.backend)
     except LaunchError as exc:
         print(f"gaudi_spawn.py: error: {exc}", file=sys.stderr)
         return 2
+    assignments = "".join(f"{name}={shlex.quote(value)} " for name, value in extra_env.items())
+    if "DS_ENV_FILE" in extra_env:
+        log(f"remote ranks get the variables in {extra_env['DS_ENV_FILE']} (DS_ENV_FILE): your {DEEPSPEED_ENV_FILE} "
+            f"lines first, then what this launcher forwards")
     if args.dry_run:
-        print(shlex.join(cmd))
+        print(assignments + shlex.join(cmd))
         return 0
     log(f"world size {args.world_size} via {args.backend}")
     if args.use_mpi:
         log(f"cpu topology (sockets, cores per socket): {topology or 'unknown'}")
-    log(f"running: {shlex.join(cmd)}")
+    log(f"running: {assignments}{shlex.join(cmd)}")
     sys.stdout.flush()
-    env = {**os.environ, "MASTER_ADDR": str(args.master_addr), "MASTER_PORT": str(args.master_port)}
+    env = {**os.environ, **extra_env, "MASTER_ADDR": str(args.master_addr), "MASTER_PORT": str(args.master_port)}
     try:
-        os.execvpe(cmd[0], cmd, env)
+        return run(cmd, env, args.backend, str(args.training_script))
     except OSError as exc:
         print(f"gaudi_spawn.py: error: cannot start {cmd[0]!r}: {exc.strerror or exc}", file=sys.stderr)
         return 2

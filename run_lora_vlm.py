@@ -87,6 +87,12 @@ class UsageError(ValueError):
     """A mistake in the flags or the data: the command line prints its message alone, without a traceback."""
 
 
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """A library's error message on one line: some span several lines, the last often a generic hint."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class InvalidRowError(ValueError):
     """A row that cannot become a training example; `reason` is a short stable code used in reports."""
 
@@ -102,8 +108,10 @@ class InvalidRowError(ValueError):
 
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", choices: Optional[list] = None):
-    """A dataclass field carrying its --help text (and choices) for HfArgumentParser."""
-    return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
+    """A dataclass field carrying its --help text (and choices) for HfArgumentParser. argparse formats help texts
+    with %, so a literal % is doubled."""
+    metadata = {"help": help.replace("%", "%%"), **({"choices": choices} if choices else {})}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -152,6 +160,15 @@ class DataArguments:
         "LLaVA-NeXT) give every image the same number of tokens (static shapes on Gaudi).")
     image_min_pixels: Optional[int] = arg(None, "Qwen2.5-VL: smallest image area (pixels) after its own resizing.")
     image_max_pixels: Optional[int] = arg(None, "Qwen2.5-VL: largest image area (pixels) after its own resizing.")
+    pan_and_scan: bool = arg(False, "Gemma 3: also show the model crops of each image whose aspect ratio reaches "
+                             "--pan_and_scan_min_ratio (each crop costs as many tokens as the image), in training, "
+                             "evaluation, generation and the merged model's processor.")
+    pan_and_scan_max_crops: Optional[int] = arg(None, "Most crops per image with --pan_and_scan (default: the "
+                                                "processor's).")
+    pan_and_scan_min_crop_size: Optional[int] = arg(None, "Smallest crop side in pixels with --pan_and_scan (default: "
+                                                    "the processor's).")
+    pan_and_scan_min_ratio: Optional[float] = arg(None, "Aspect ratio (long side / short side) from which "
+                                                  "--pan_and_scan crops an image (default: the processor's).")
     invalid_rows: str = arg("error", "What a bad row does: 'error' stops at the first one naming it; 'skip' drops it, "
                             "counts it and lists it in skipped_rows.json.", ["error", "skip"])
     validate_rows: str = arg(
@@ -176,6 +193,16 @@ class DataArguments:
         size = self.fixed_image_size
         if size is not None and (len(size) != 2 or min(size) <= 0):
             raise UsageError(f"--fixed_image_size takes HEIGHT WIDTH (two positive numbers), got {size}.")
+        for flag in PAN_AND_SCAN_FLAGS[1:]:
+            value = getattr(self, flag)
+            if value is not None and not self.pan_and_scan:
+                raise UsageError(f"--{flag} sets how --pan_and_scan crops images; add --pan_and_scan or drop it.")
+            if value is not None and value <= 0:
+                raise UsageError(f"--{flag} must be positive, got {value}.")
+
+
+# --pan_and_scan and its settings, in the order of ModelFamily.pan_and_scan_kwargs.
+PAN_AND_SCAN_FLAGS = ("pan_and_scan", "pan_and_scan_max_crops", "pan_and_scan_min_crop_size", "pan_and_scan_min_ratio")
 
 
 @dataclass
@@ -223,6 +250,10 @@ class LoraArguments:
     train_vision_tower: bool = arg(False, "Also put LoRA on the vision tower's linear layers (frozen by default).")
     train_projector: bool = arg(False, "Also train the vision-to-text projector in full (saved with the adapter; "
                                 "frozen by default).")
+    vision_learning_rate: Optional[float] = arg(None, "Learning rate of the vision tower's LoRA weights (needs "
+                                                "--train_vision_tower; default: --learning_rate).")
+    projector_learning_rate: Optional[float] = arg(None, "Learning rate of the projector (needs --train_projector; "
+                                                   "default: --learning_rate).")
 
     def __post_init__(self):
         if self.lora_target_modules and self.train_vision_tower:
@@ -232,6 +263,13 @@ class LoraArguments:
             raise UsageError(f"--lora_rank must be positive, got {self.lora_rank}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UsageError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        needs = {"vision_learning_rate": "train_vision_tower", "projector_learning_rate": "train_projector"}
+        for flag, trained in needs.items():
+            value = getattr(self, flag)
+            if value is not None and not getattr(self, trained):
+                raise UsageError(f"--{flag} applies to the weights --{trained} trains; add --{trained} or drop it.")
+            if value is not None and value < 0:
+                raise UsageError(f"--{flag} must not be negative, got {value}.")
 
 
 @dataclass
@@ -356,9 +394,11 @@ def settle_defaults(args: ScriptArguments, given: dict[str, str]) -> None:
         # HPU graphs detach gradients (optimum/habana/transformers/trainer.py:2057), so a model wrapped for the
         # evaluation before training could not be trained.
         raise UsageError("--use_hpu_graphs_for_inference cannot go with --eval_before_training and --do_train.")
-    if args.lora.train_vision_tower and "ddp_find_unused_parameters" not in given:
-        # Some families read an inner vision layer (LLaVA-NeXT: the second to last), leaving later layers' LoRA
-        # weights without gradients, a DDP error. GaudiTrainingArguments defaults this to False, not None
+    if (args.lora.train_vision_tower or args.lora.train_projector) and "ddp_find_unused_parameters" not in given:
+        # Trained vision weights can go without gradients in a step, a DDP error: a batch without an image (a
+        # text-only row, or the stand-in for skipped rows) runs neither tower nor projector, and some families read an
+        # inner vision layer (LLaVA-NeXT: the second to last), leaving the later layers' LoRA weights unused.
+        # GaudiTrainingArguments defaults this to False, not None
         # (optimum/habana/transformers/training_args.py:353-356), so only the flag itself wins.
         training.ddp_find_unused_parameters = True
     # The collator reads the raw columns; the trainer must not drop them.
@@ -379,8 +419,53 @@ def settle_defaults(args: ScriptArguments, given: dict[str, str]) -> None:
         training.dataloader_num_workers = min(4, max(0, cores_of_this_rank() - 1))
         training.dataloader_persistent_workers = training.dataloader_num_workers > 0
     if training.do_train:
+        if args.run.adapter_path:
+            raise UsageError("--adapter_path names an adapter to evaluate, predict with or merge without training; "
+                             "with --do_train a new adapter is trained: drop one of the two.")
         training.resume_from_checkpoint = checkpoint_to_resume(training)
         check_free_disk(training.output_dir, args.run.min_free_disk_gb)
+
+
+# What a Hub repository id looks like ("name" or "owner/name"); anything else is a local path.
+HUB_ID = re.compile(r"(?!\.)(?!.*\.\.)[\w.-]+(/[\w.-]+)?")
+
+
+def check_paths(args: ScriptArguments) -> None:
+    """Every path flag names something that exists, checked before anything loads: a name that cannot be a Hub id
+    (or any name, with HF_HUB_OFFLINE=1) must be there locally, so a mistyped path is never sent to the Hub."""
+    offline = transformers.utils.is_offline_mode()
+    hub_or_local = {"model_name_or_path": (args.model.model_name_or_path, "config.json",
+                                           "a model folder saved with save_pretrained"),
+                    "adapter_path": (args.run.adapter_path, "adapter_config.json",
+                                     "an adapter folder written by training, or a checkpoint-N folder in it")}
+    for flag, (name, marker, what) in hub_or_local.items():
+        path = None if name is None else Path(name).expanduser()
+        if path is None:
+            continue
+        if path.is_dir():
+            if not (path / marker).is_file():
+                raise UsageError(f"--{flag} {name}: the folder holds no {marker}; expected {what}.")
+        elif path.exists():
+            raise UsageError(f"--{flag} {name}: is a file; expected {what}.")
+        elif not HUB_ID.fullmatch(name):
+            raise UsageError(f"--{flag} {name}: no such folder (expected {what}).")
+        elif offline and not cached_on_hub(name, marker, args.model):
+            raise UsageError(f"--{flag} {name}: no such local folder, and HF_HUB_OFFLINE=1 keeps the Hub from being "
+                             "asked (nor is it in the Hub cache). Fix the path, or unset HF_HUB_OFFLINE to download.")
+    dataset = args.data.dataset_name
+    if dataset is not None and not Path(dataset).expanduser().exists() and not HUB_ID.fullmatch(dataset):
+        raise UsageError(f"--dataset_name {dataset}: no such file or folder (expected a Hub dataset id, a save_to_disk "
+                         f"folder, a {'/'.join(sorted(DATA_FILE_BUILDERS))} file or a folder of them).")
+    for flag, value in (("predict_image", args.run.predict_image),
+                        ("resume_from_checkpoint", args.training.resume_from_checkpoint)):
+        if isinstance(value, str) and not Path(value).expanduser().exists():
+            raise UsageError(f"--{flag} {value}: no such {'file' if flag == 'predict_image' else 'folder'}.")
+
+
+def cached_on_hub(repo_id: str, filename: str, model_args: ModelArguments) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    revision = model_args.model_revision
+    return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=model_args.cache_dir, revision=revision), str)
 
 
 def cores_of_this_rank() -> int:
@@ -421,8 +506,6 @@ def checkpoint_to_resume(training_args) -> Optional[str]:
     if last_checkpoint is None and any(p.name != "skipped_rows.parts" for p in output_dir.iterdir()):
         raise UsageError(f"--output_dir {output_dir} is not empty and holds no checkpoint to resume from. Pass "
                          "--overwrite_output_dir to train over it, or choose another folder.")
-    if last_checkpoint is not None:
-        logger.info(f"Resuming from {last_checkpoint}; pass --overwrite_output_dir to start afresh.")
     return last_checkpoint
 
 
@@ -487,9 +570,11 @@ def cli(argv: Optional[list[str]] = None) -> int:
     """Command-line entry, returning the exit code: one question, a merge or a data dry run, else training (`main`)."""
     try:
         args = parse_args(argv)
+        check_paths(args)
         if args.run.predict_image is not None:
             print(answer_one_question(args))
-        elif args.run.merge_adapter and not args.training.do_train:
+        elif args.run.merge_adapter and not (args.training.do_train or args.training.do_eval
+                                             or args.training.do_predict):
             merge_saved_adapter(args)
         elif args.run.dry_run_data:
             dry_run_data(args)
@@ -523,6 +608,7 @@ def main(args: ScriptArguments) -> Trainer:
 
     # Encoder and collator: one chat encoder; labels keep the assistant's tokens only.
     encoder = ChatEncoder(processor, family, schema, data_args, image_base_dir)
+    settle_gaudi_image_size(encoder, config, splits, training_args)
     # Every selected row checked before the model loads (bad rows stop the run, or are dropped); buckets from lengths.
     splits = validate_rows(encoder, splits, skipped_rows, training_args, model_args.cache_dir)
     settle_length_buckets(encoder, splits, training_args)
@@ -530,18 +616,20 @@ def main(args: ScriptArguments) -> Trainer:
     if training_args.should_log:
         log_trained_sample(collator, splits)
 
-    # Model, with LoRA on the language model (and on the vision tower or projector when asked).
-    model = apply_lora(load_model(model_args, training_args, config), args.lora, family)
+    # Model: a new LoRA to train on the language model (and the vision tower or projector when asked), or, for a run
+    # that does not train (a finished training asked for more), the adapter it evaluates, logged.
+    trains = training_args.do_train and not training_finished(training_args)
+    model = load_model(model_args, training_args, config)
+    model = apply_lora(model, args.lora, family) if trains else with_adapter(model, adapter_for_run(args), model_args)
     use_gemma3_reference_attention(model, training_args)
 
     # Trainer: GaudiTrainer on Gaudi, the stock Trainer elsewhere.
-    trainer = build_trainer(model, training_args, model_args, args.run, processor, splits, collator)
+    trainer = build_trainer(model, training_args, model_args, args.run, processor, splits, collator, args.lora)
 
     # Train, stopping cleanly on SIGTERM; an evaluation of the untouched model first, if asked.
     generator = GenerationEvaluator.for_run(encoder, skipped_rows, args) if args.evaluation.generation_eval else None
     before = {}
-    # A finished training asked for again (with other evaluation or output flags) is not trained or saved anew.
-    if training_args.do_train and not training_finished(training_args):
+    if trains:
         if training_args.do_eval and args.evaluation.eval_before_training:
             before = evaluate_split(trainer, splits["eval"], "eval_before", generator)
         train_and_save(trainer, len(splits["train"]))
@@ -555,19 +643,21 @@ def main(args: ScriptArguments) -> Trainer:
 
 
 def setup_run(training_args) -> None:
-    """Logging for this process (quiet on every rank but the first) and the seed."""
+    """Logging for this process and the seed. This script's own lines show on the first rank; the libraries' (config
+    dumps, file-by-file save notices, Hub hints) only with --log_level info or debug, warnings always."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stderr)])
-    if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
+    chosen = training_args.log_level if training_args.should_log else training_args.log_level_replica
+    # "passive" would keep whatever verbosity an earlier run in this process left; here it means warnings.
+    library_level = logging.WARNING if chosen == "passive" else logging.getLevelName(chosen.upper())
+    logger.setLevel(logging.INFO if training_args.should_log and chosen == "passive" else library_level)
+    datasets.utils.logging.set_verbosity(library_level)
+    transformers.utils.logging.set_verbosity(library_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    logger.info(f"Process rank: {training_args.process_index}, device: {training_args.device}, "
-                f"world size: {training_args.world_size}, bf16: {training_args.bf16}")
+    logger.log(logging.INFO if training_args.world_size > 1 else logging.DEBUG,
+               f"Process rank: {training_args.process_index}, device: {training_args.device}, "
+               f"world size: {training_args.world_size}, bf16: {training_args.bf16}")
     set_seed(training_args.seed)
 
 
@@ -582,7 +672,7 @@ def load_processor(model_args: ModelArguments):
     try:
         config = AutoConfig.from_pretrained(path, **hub)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--model_name_or_path {path}: cannot load its config ({e}).") from e
+        raise UsageError(f"--model_name_or_path {path}: cannot load its config ({one_line(e)})") from e
     family = model_family(config.model_type)
     # The checkpoint's own (slow) image processor gives the pixels the model was trained with; asking for it with
     # use_fast=False would also swap in the slow tokenizer, which has no offsets (processing_utils.py:1349-1368,
@@ -599,7 +689,7 @@ def load_processor(model_args: ModelArguments):
             raise
         processor = family.image_only_processor_class().from_pretrained(path, **hub)
     except OSError as e:
-        raise UsageError(f"--model_name_or_path {path}: cannot load its processor ({e}).") from e
+        raise UsageError(f"--model_name_or_path {path}: cannot load its processor ({one_line(e)})") from e
     finally:
         for notice, level in zip(notices, levels):
             notice.setLevel(level)
@@ -643,6 +733,34 @@ class ModelFamily:
     vision_tower: str = "vision_tower"
     projector: str = "multi_modal_projector"
     pixel_budget_kwargs: Optional[tuple] = None  # processor arguments for --image_min_pixels / --image_max_pixels
+    # Processor arguments for PAN_AND_SCAN_FLAGS, in that order (None: the family has no pan-and-scan), and the crops
+    # the processor adds to an image: (those arguments' values, (height, width)) -> number of crops.
+    pan_and_scan_kwargs: Optional[tuple] = None
+    crop_count: Optional[Callable[[dict, tuple], int]] = None
+
+
+def gemma3_pan_and_scan_crops(settings: dict, size: tuple) -> int:
+    """The crops Gemma3ImageProcessor.pan_and_scan cuts from an image of `size` (height, width), from the size alone.
+    Written from transformers 4.55.4 models/gemma3/image_processing_gemma3.py:159-196: none below the aspect ratio
+    that activates it; along the long side, the ratio rounded half up, at most long side // min crop size, clamped
+    to [2, max crops]; none when a crop (long side / crops, rounded up, by the short side) is under the min size."""
+    height, width = size
+    long_side, short_side = max(height, width), min(height, width)
+    if long_side / short_side < settings["pan_and_scan_min_ratio_to_activate"]:
+        return 0
+    min_crop = settings["pan_and_scan_min_crop_size"]
+    crops = min(int(math.floor(long_side / short_side + 0.5)), long_side // min_crop)
+    crops = min(settings["pan_and_scan_max_num_crops"], max(2, crops))
+    if min(math.ceil(long_side / crops), short_side) < min_crop:
+        return 0
+    return crops
+
+
+def gemma3_image_token_counts(processor, processed) -> list:
+    """Each image's tokens: one image sequence for the image and one per crop (num_crops, which Gemma3Processor
+    drops from its output, processing_gemma3.py:117, is put back by ChatEncoder.encode)."""
+    crops = processed.get("num_crops", [0] * len(processed["pixel_values"]))
+    return [processor.image_seq_length * (1 + int(n)) for n in crops]
 
 
 def llava_next_image_token_counts(processor, processed) -> list:
@@ -675,11 +793,19 @@ def image_only_qwen2_5_vl_processor_class() -> type:
 MODEL_FAMILIES = {
     "gemma3": ModelFamily(
         image_placeholder=lambda processor: processor.boi_token,
-        image_token_counts=lambda processor, processed: [processor.image_seq_length] * len(processed["pixel_values"]),
+        image_token_counts=gemma3_image_token_counts,
+        # Without crops; an image with crops becomes the text ChatEncoder.crop_expansion reads from the processor.
         expanded_length=lambda processor, count: len(processor.full_image_sequence),
-        # Pan-and-scan would give each image a data-dependent number of crops and tokens.
+        # pixel_values holds each image's row, then one per crop (image_processing_gemma3.py:236).
+        patches_per_image=lambda processed: [
+            1 + int(n) for n in processed.get("num_crops", [0] * len(processed["pixel_values"]))
+        ],
+        # Crops only with --pan_and_scan, whatever the checkpoint's image processor says.
         processor_call_kwargs={"do_pan_and_scan": False},
         hpu_attention_options=True,
+        pan_and_scan_kwargs=("do_pan_and_scan", "pan_and_scan_max_num_crops", "pan_and_scan_min_crop_size",
+                             "pan_and_scan_min_ratio_to_activate"),
+        crop_count=gemma3_pan_and_scan_crops,
     ),
     "qwen2_5_vl": ModelFamily(
         image_placeholder=lambda processor: processor.image_token,
@@ -740,26 +866,49 @@ def load_raw_datasets(data_args: DataArguments,
             raise UsageError(f"--dataset_name {path}: unsupported file type; use one of {sorted(DATA_FILE_BUILDERS)}.")
         return datasets.load_dataset(builder, data_files={"train": str(path)}, cache_dir=cache_dir), path.parent
     if path.is_dir():
-        check_every_data_file_is_used(path)
-        # datasets infers the format (json, csv, parquet, or an image folder with metadata) and the split of each
-        # file from its name (train*, validation/val/valid/dev*, test*).
-        return datasets.load_dataset(str(path), cache_dir=cache_dir), path
-    return datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir), None
+        data_files = folder_data_files(path)
+        if not data_files:  # an image folder, its text in metadata.jsonl/csv/parquet beside the images
+            return datasets.load_dataset(str(path), cache_dir=cache_dir), path
+        builder = DATA_FILE_BUILDERS[data_files[0].suffix.lower()]
+        return datasets.load_dataset(builder, data_files=split_data_files(path, data_files), cache_dir=cache_dir), path
+    try:
+        return datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir), None
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise UsageError(f"--dataset_name {data_args.dataset_name}: no such local file or folder, and the Hub did not "
+                         f"provide it ({one_line(e)})") from e
 
 
-def check_every_data_file_is_used(folder: Path) -> None:
-    """What this adds to datasets' split detection: once one file is named after a split, datasets silently leaves
-    out the files that are not; here that is an error naming them."""
-    data_files = sorted(p for p in folder.iterdir() if p.suffix.lower() in DATA_FILE_BUILDERS and p.stem != "metadata")
+def folder_data_files(folder: Path) -> list[Path]:
+    """The JSON/JSONL/CSV/Parquet files directly in a dataset folder, other than an image folder's metadata file.
+    What this adds to datasets' own format inference, which counts every file below the folder: a data file beside
+    an images/ subfolder is read as the data (image paths relative to the folder), not as an image folder."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in DATA_FILE_BUILDERS)
+    data_files = [p for p in files if p.stem != "metadata"]
+    if data_files and len(data_files) < len(files):
+        raise UsageError(f"--dataset_name {folder} reads two ways: as data files {[p.name for p in data_files]}, or as "
+                         f"an image folder described by {[p.name for p in files if p.stem == 'metadata']}. Keep one of "
+                         "them in the folder, or name the file to use in --dataset_name.")
     if len({DATA_FILE_BUILDERS[p.suffix.lower()] for p in data_files}) > 1:
         raise UsageError(f"Mixed data file types in one folder: {[p.name for p in data_files]}; keep one type.")
+    return data_files
+
+
+def split_data_files(folder: Path, data_files: list[Path]) -> dict[str, list[str]]:
+    """{split: files} by datasets' own file-name rules (train*, validation/val/valid/dev*, test*), limited to the data
+    files. What this adds: once one file is named after a split, datasets silently leaves out the files that are not;
+    here that is an error naming them."""
     patterns = datasets.data_files.get_data_patterns(str(folder))
-    used = {Path(f).resolve() for files in DataFilesDict.from_patterns(patterns, str(folder)).values() for f in files}
-    unused = [p.name for p in data_files if p.resolve() not in used]
+    resolved = DataFilesDict.from_patterns(patterns, str(folder))
+    wanted = {p.resolve(): str(p) for p in data_files}
+    splits = {str(split): [wanted[Path(f).resolve()] for f in files if Path(f).resolve() in wanted]
+              for split, files in resolved.items()}
+    used = {name for files in splits.values() for name in files}
+    unused = [p.name for p in data_files if str(p) not in used]
     if unused:
         raise UsageError(f"--dataset_name {folder}: {unused} belong to no split. Name each data file after its split "
                          "(train*, validation* / val* / dev*, test*), or keep none of them named after a split (all "
                          "are then train).")
+    return {split: files for split, files in splits.items() if files}
 
 
 def prepare_splits(raw: datasets.DatasetDict, data_args: DataArguments, training_args) -> dict[str, IndexedRows]:
@@ -1221,11 +1370,19 @@ def check_split(encoder: ChatEncoder, rows: IndexedRows, cache: Path) -> dataset
     caching = datasets.is_caching_enabled()
     if caching:
         cache.mkdir(parents=True, exist_ok=True)
-    return selected.map(
-        RowChecker(encoder), batched=True, remove_columns=columns, features=ROW_CHECK_FEATURES,
-        num_proc=processes if processes > 1 else None, new_fingerprint=fingerprint, keep_in_memory=not caching,
-        cache_file_name=str(cache / f"{fingerprint}.arrow") if caching else None, desc=f"Checking {rows.split} rows",
-    )
+    # A progress bar only where the check takes long enough to watch.
+    quiet = len(selected) < ROWS_PER_CHECK_PROCESS and not datasets.utils.are_progress_bars_disabled()
+    if quiet:
+        datasets.utils.disable_progress_bars()
+    try:
+        return selected.map(
+            RowChecker(encoder), batched=True, remove_columns=columns, features=ROW_CHECK_FEATURES,
+            num_proc=processes if processes > 1 else None, new_fingerprint=fingerprint, keep_in_memory=not caching,
+            cache_file_name=str(cache / f"{fingerprint}.arrow") if caching else None,
+            desc=f"Checking {rows.split} rows")
+    finally:
+        if quiet:
+            datasets.utils.enable_progress_bars()
 
 
 def row_check_fingerprint(encoder: ChatEncoder, selected: datasets.Dataset) -> str:
@@ -1276,7 +1433,7 @@ class RowChecker:
 
     def __init__(self, encoder: ChatEncoder):
         self.encoder = encoder
-        self.image_tokens = {}  # (height, width) -> the image tokens of an image of that size, or its InvalidRowError
+        self.image_tokens = {}  # (height, width) -> what `count` says of an image of that size, or its InvalidRowError
 
     def __call__(self, batch: dict) -> dict:
         encoder = self.encoder
@@ -1286,27 +1443,35 @@ class RowChecker:
         for position in range(size):
             try:
                 example, text, spans = encoder.rendered_chat({column: batch[column][position] for column in batch})
-                counts = [self.count(image_size(image, encoder.image_base_dir)) for image in example["images"]]
-                measured.append((position, text, spans, counts))
+                images = [self.count(image_size(image, encoder.image_base_dir)) for image in example["images"]]
+                measured.append((position, text, spans, images))
             except InvalidRowError as e:
                 result["reason"][position], result["detail"][position] = e.reason, e.detail
         if not measured:
             return result
-        one_token_image = image_text(encoder.processor, 1)
-        texts = [text.replace(encoder.placeholder, one_token_image) for _, text, _, _ in measured]
+        texts = []
+        for _, text, _, images in measured:
+            # Each placeholder (there is one per image) becomes its image's text with one token per image sequence.
+            pieces = text.split(encoder.placeholder)
+            if len(pieces) != len(images) + 1:
+                raise RuntimeError(f"{len(pieces) - 1} image placeholders for {len(images)} images in {text!r:.200}")
+            texts.append(pieces[0] + "".join(short + piece for (_, short), piece in zip(images, pieces[1:])))
         bos = encoder.tokenizer_adds_bos(texts[0])
         encoded = encoder.tokenizer(texts, add_special_tokens=bos, return_offsets_mapping=True)
-        for (position, text, spans, counts), ids, offsets in zip(measured, encoded.input_ids, encoded.offset_mapping):
+        for (position, text, spans, images), ids, offsets in zip(measured, encoded.input_ids, encoded.offset_mapping):
             try:
-                result["length"][position] = self.length(text, spans, counts, np.asarray(ids), offsets)
+                result["length"][position] = self.length(text, spans, images, np.asarray(ids), offsets)
             except InvalidRowError as e:
                 result["reason"][position], result["detail"][position] = e.reason, e.detail
         return result
 
-    def count(self, size: tuple[int, int]) -> int:
-        """The image tokens of an image of `size` (height, width, before --fixed_image_size), from the processor's own
-        arithmetic where it has one (no pixels; e.g. transformers/models/qwen2_5_vl/processing_qwen2_5_vl.py:205,
-        llava_next/processing_llava_next.py:228, gemma3/processing_gemma3.py:154), else from a blank image's tokens."""
+    def count(self, size: tuple[int, int]) -> tuple[list[int], str]:
+        """(the image tokens of each image sequence of an image of `size` (height, width, before --fixed_image_size):
+        the image's, then one per --pan_and_scan crop; the text standing for the image in the checked chat, one image
+        token per sequence). Tokens from the processor's own arithmetic where it has one (no pixels; e.g.
+        transformers/models/qwen2_5_vl/processing_qwen2_5_vl.py:205, llava_next/processing_llava_next.py:228,
+        gemma3/processing_gemma3.py:154, which counts no crops: ChatEncoder.image_crops does, from the size alone),
+        else from a blank image's tokens."""
         encoder, processor = self.encoder, self.encoder.processor
         size = tuple(encoder.data_args.fixed_image_size or size)
         if size not in self.image_tokens:
@@ -1320,7 +1485,13 @@ class RowChecker:
                 if len(image_text(processor, count)) != encoder.family.expanded_length(processor, count):
                     raise RuntimeError("image_text does not expand images as MODEL_FAMILIES says for "
                                        f"{type(processor).__name__}")
-                self.image_tokens[size] = int(count)
+                crops, short = encoder.image_crops(size), image_text(processor, 1)
+                if crops:
+                    short = encoder.crop_expansion(crops, size).replace(image_text(processor, count), short)
+                    if short.count(processor.image_token) != 1 + crops:
+                        raise RuntimeError(f"{type(processor).__name__} writes no {1 + crops} image sequences for an "
+                                           f"image with {crops} crops")
+                self.image_tokens[size] = ([int(count)] * (1 + crops), short)
             except (ValueError, ZeroDivisionError) as e:  # e.g. Qwen2.5-VL refuses images 200 times wider than high
                 self.image_tokens[size] = InvalidRowError(
                     "processor_error", f"the processor rejects a {size[1]}x{size[0]} image: {type(e).__name__}: {e}"
@@ -1329,16 +1500,18 @@ class RowChecker:
             raise self.image_tokens[size]
         return self.image_tokens[size]
 
-    def length(self, text: str, spans: list, counts: list[int], ids: np.ndarray, offsets) -> int:
-        """The row's length once each image has all its tokens; a bad row as the collator's check_fits finds it."""
+    def length(self, text: str, spans: list, images: list[tuple], ids: np.ndarray, offsets) -> int:
+        """The row's length once each image has all its tokens (`images`: what `count` says of each); a bad row as
+        the collator's check_fits finds it."""
         encoder = self.encoder
-        growth = len(image_text(encoder.processor, 1)) - len(encoder.placeholder)
-        trained = np.flatnonzero(encoder.labels(text, spans, [growth] * len(counts), ids, offsets) != IGNORE_INDEX)
+        growths = [len(short) - len(encoder.placeholder) for _, short in images]
+        trained = np.flatnonzero(encoder.labels(text, spans, growths, ids, offsets) != IGNORE_INDEX)
+        counts = [count for sequences, _ in images for count in sequences]
         image_positions = np.flatnonzero(ids == encoder.image_token_id)
         if len(image_positions) != len(counts):
-            raise RuntimeError(f"{len(image_positions)} image tokens for {len(counts)} images in the checked text of "
-                               f"{text!r:.200}")
-        # Each image is one token here: the rest of its tokens move every later position.
+            raise RuntimeError(f"{len(image_positions)} image tokens for {len(counts)} image sequences in the checked "
+                               f"text of {text!r:.200}")
+        # Each image sequence is one token here: the rest of its tokens move every later position.
         added_before = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64) - 1)])
         length = len(ids) + int(added_before[-1])
         trained_positions = trained + added_before[np.searchsorted(image_positions, trained)]
@@ -1432,6 +1605,22 @@ def image_text(processor, count: int) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
+def pan_and_scan_settings(processor, family: ModelFamily, data_args: DataArguments) -> dict:
+    """The processor arguments of --pan_and_scan and its settings (each defaulting to the image processor's own);
+    {} without --pan_and_scan."""
+    if not data_args.pan_and_scan:
+        return {}
+    if family.pan_and_scan_kwargs is None:
+        raise UsageError(f"--pan_and_scan applies to Gemma 3 only; {type(processor).__name__} cuts no crops.")
+    settings = {}
+    for flag, name in zip(PAN_AND_SCAN_FLAGS, family.pan_and_scan_kwargs):
+        value = getattr(data_args, flag)
+        settings[name] = getattr(processor.image_processor, name, None) if value is None else value
+        if settings[name] is None:
+            raise UsageError(f"--{flag}: this model's image processor sets no default; give one.")
+    return settings
+
+
 class ChatEncoder:
     """Turns dataset rows into token ids: the one owner of chat rendering and processor calls, for the training
     collator and the generation evaluator alike. A row becomes the canonical chat rendered by the model's own template
@@ -1455,6 +1644,12 @@ class ChatEncoder:
                 raise UsageError("--image_min_pixels / --image_max_pixels apply to dynamic-resolution families "
                                  "(qwen2_5_vl).")
             self.image_kwargs.update({k: v for k, v in zip(family.pixel_budget_kwargs, budget) if v is not None})
+        self.crop_settings = pan_and_scan_settings(processor, family, data_args)  # {} without --pan_and_scan
+        self.image_kwargs.update(self.crop_settings)
+        # Saved with the processor (checkpoints, the merged model): a model served from them crops as it was trained.
+        for name, value in self.crop_settings.items():
+            setattr(processor.image_processor, name, value)
+        self.crop_expansions = {}  # number of crops -> what the processor writes for an image with that many
         # What a row's text must not hold: strings the processor reads as an image, and the tokenizer's markup
         # (<bos>, <eos>, <pad>, <unk> and the special tokens the chat template writes, e.g. <end_of_turn>). Other
         # special tokens are text a row may train on, e.g. Qwen2.5-VL's <|box_start|> in grounding data.
@@ -1536,12 +1731,46 @@ class ChatEncoder:
         bos = self.tokenizer.bos_token
         return bool(bos) and not rendered.startswith(bos)
 
+    def image_crops(self, size: tuple[int, int]) -> int:
+        """The crops --pan_and_scan adds to an image of `size` (height, width, as the processor gets it); 0 without."""
+        return self.family.crop_count(self.crop_settings, tuple(size)) if self.crop_settings else 0
+
+    def crop_expansion(self, crops: int, size: tuple[int, int]) -> str:
+        """What the processor writes in place of the placeholder of an image with `crops` (> 0) crops, such as one of
+        `size`: each processor words it its own way (Gemma 3: processing_gemma3.py:126-136), so it is read, once per
+        number of crops, from the processor's own output for a blank image of that size."""
+        if crops not in self.crop_expansions:
+            blank = Image.new("RGB", (int(size[1]), int(size[0])))
+            processed = self.processor(text=[self.placeholder], images=[[blank]], add_special_tokens=False,
+                                       **self.image_kwargs)
+            ids = [int(token) for token in processed["input_ids"][0]]
+            text = self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+            reencoded = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(processed["pixel_values"]) != 1 + crops or reencoded != ids:
+                raise RuntimeError(f"Cannot read what {type(self.processor).__name__} writes for an image with {crops} "
+                                   "crops: MODEL_FAMILIES' crop_count or the decoded text does not match it.")
+            self.crop_expansions[crops] = text
+        return self.crop_expansions[crops]
+
+    def placeholder_growth(self, count: int, crops: int, size: tuple[int, int]) -> int:
+        """Characters an image's placeholder gains when the processor writes its `count` tokens (and crops) in."""
+        if crops:
+            return len(self.crop_expansion(crops, size)) - len(self.placeholder)
+        return self.family.expanded_length(self.processor, count) - len(self.placeholder)
+
     def encode(self, chats: list[tuple[str, list, list]]) -> tuple[list[EncodedRow], dict]:
         """Encode (text, assistant spans, images) triples in one processor call: one EncodedRow each (labels keep
         the assistant's tokens only), and the processor's output, whose per-image inputs `image_inputs` selects."""
         processed = self.process([chat[0] for chat in chats], [chat[2] for chat in chats], return_offsets_mapping=True)
-        counts = self.family.image_token_counts(self.processor, processed) if any(chat[2] for chat in chats) else []
-        growths = [self.family.expanded_length(self.processor, n) - len(self.placeholder) for n in counts]
+        sizes = [(image.height, image.width) for chat in chats for image in chat[2]]
+        crops = [self.image_crops(size) for size in sizes]
+        if self.crop_settings and sizes:
+            if len(processed["pixel_values"]) != len(sizes) + sum(crops):
+                raise ValueError(f"The processor produced {len(processed['pixel_values'])} pixel rows for "
+                                 f"{len(sizes)} images, MODEL_FAMILIES' crop_count expects {sum(crops)} crops more.")
+            processed["num_crops"] = crops
+        counts = self.family.image_token_counts(self.processor, processed) if sizes else []
+        growths = [self.placeholder_growth(n, k, size) for n, k, size in zip(counts, crops, sizes)]
         token_type_ids = processed.get("token_type_ids")
         encoded, image_start = [], 0
         for index, (text, spans, images) in enumerate(chats):
@@ -1878,9 +2107,48 @@ def apply_lora(model, lora_args: LoraArguments, family: ModelFamily):
     except ValueError as e:
         raise UsageError(f"--lora_target_modules {lora_args.lora_target_modules}: {e}") from e
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info(f"LoRA targets: {config.target_modules}")
-    logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), LoRA targets: "
+                f"{config.target_modules}")
     return model
+
+
+def adapter_for_run(args: ScriptArguments) -> Optional[str]:
+    """The adapter a run that does not train evaluates, predicts with or merges: --adapter_path when given; else the
+    newest trained one in --output_dir (the saved training, or a later complete checkpoint), unless
+    --overwrite_output_dir asks to start afresh; else None, the base model."""
+    if args.run.adapter_path:
+        return args.run.adapter_path
+    output_dir = Path(args.training.output_dir)
+    adapter = None
+    if output_dir.is_dir() and not args.training.overwrite_output_dir:
+        saved_step = -1  # the step of the adapter saved at the end of training, if one is
+        if (output_dir / "adapter_config.json").is_file():
+            with contextlib.suppress(OSError, json.JSONDecodeError):
+                saved_step = json.loads((output_dir / "trainer_state.json").read_text()).get("global_step", 0)
+            saved_step = max(saved_step, 0)
+            adapter = str(output_dir)
+        checkpoint = last_complete_checkpoint(output_dir)
+        if checkpoint and Path(checkpoint, "adapter_config.json").is_file():
+            if int(Path(checkpoint).name.rsplit("-", 1)[1]) > saved_step:
+                adapter = checkpoint
+    if adapter is None and args.run.merge_adapter:
+        raise UsageError(f"--merge_adapter: nothing to merge, no --adapter_path and no trained adapter in --output_dir "
+                         f"{output_dir}{' (--overwrite_output_dir ignores it)' * args.training.overwrite_output_dir}.")
+    return adapter
+
+
+def with_adapter(model, adapter: Optional[str], model_args: ModelArguments):
+    """The base model with `adapter` loaded (not trainable), or the base model alone; says which in one line."""
+    base = model_args.model_name_or_path
+    if adapter is None:
+        logger.info(f"Model: {base} without an adapter (no --adapter_path, and none trained in --output_dir).")
+        return model
+    from peft import PeftModel
+    logger.info(f"Model: {base} with the adapter in {adapter}")
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except (ValueError, RuntimeError) as e:  # e.g. an adapter trained on another base model: shapes differ
+        raise UsageError(f"The adapter in {adapter} does not fit --model_name_or_path {base}: {one_line(e)}") from e
 
 
 def default_lora_targets(model, family: ModelFamily, lora_args: LoraArguments) -> str:
@@ -1919,7 +2187,8 @@ def module_named(model, last_name: str) -> tuple[str, torch.nn.Module]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def build_trainer(model, training_args, model_args, run_args, processor, splits, collator):
+def build_trainer(model, training_args, model_args, run_args, processor, splits, collator,
+                  lora_args: Optional[LoraArguments] = None):
     monitor = TrainingLossMonitor(run_args.non_finite_loss, splits["train"].split if "train" in splits else "train")
     model.register_forward_pre_hook(monitor.take_batch_extras, with_kwargs=True)
     common = dict(
@@ -1927,23 +2196,24 @@ def build_trainer(model, training_args, model_args, run_args, processor, splits,
         data_collator=collator, processing_class=processor, compute_loss_func=monitor.loss,
         # Preemption first: the checkpoint it asks for at a step end is then a save the monitor checks before.
         callbacks=[PreemptionHandler(), monitor])
+    rates = part_learning_rates(model, lora_args) if lora_args is not None else {}
     if not hasattr(training_args, "use_habana"):
-        return WholeSplitEvaluationTrainer(**common)
+        return PartLearningRatesTrainer(part_learning_rates=rates, **common)
     from optimum.habana import GaudiConfig, GaudiTrainer
 
-    class TokenCountingGaudiTrainer(WholeSplitEvaluationTrainer, GaudiTrainer):
-        """GaudiTrainer with whole-split evaluation (the MRO puts WholeSplitEvaluationTrainer's overrides before
-        GaudiTrainer's) and a trained-token count for the accumulation window that works with unequal lengths:
-        GaudiTrainer concatenates the window's labels to count them, which fails silently when micro-batches differ
-        in length (bucket or longest padding), leaving the loss not normalized over the window; Trainer sums per
-        micro-batch."""
+    class TokenCountingGaudiTrainer(PartLearningRatesTrainer, GaudiTrainer):
+        """GaudiTrainer with per-part learning rates and whole-split evaluation (the MRO puts PartLearningRatesTrainer's
+        and WholeSplitEvaluationTrainer's overrides before GaudiTrainer's) and a trained-token count for the
+        accumulation window that works with unequal lengths: GaudiTrainer concatenates the window's labels to count
+        them, which fails silently when micro-batches differ in length (bucket or longest padding), leaving the loss
+        not normalized over the window; Trainer sums per micro-batch."""
 
         get_batch_samples_transformers = Trainer.get_batch_samples
 
     # --model_revision pins the model's commit; the Gaudi config is another repository, read at its default branch.
     name = training_args.gaudi_config_name
     gaudi_config = GaudiConfig.from_pretrained(name, cache_dir=model_args.cache_dir) if name else GaudiConfig()
-    return TokenCountingGaudiTrainer(gaudi_config=gaudi_config, **common)
+    return TokenCountingGaudiTrainer(gaudi_config=gaudi_config, part_learning_rates=rates, **common)
 
 
 class TrainingLossMonitor(transformers.TrainerCallback):
@@ -1958,8 +2228,9 @@ class TrainingLossMonitor(transformers.TrainerCallback):
     def __init__(self, non_finite_loss: str = "error", split: str = "train"):
         self.non_finite_loss, self.split = non_finite_loss, split
         # Counted where the loss is computed, so dataloader workers do not hide them; in Gaudi lazy mode each
-        # new (batch, length, kept logits) shape is a graph compile.
+        # new (batch, length, kept logits, image tensor shapes) signature is a graph compile.
         self.shapes = {"train": collections.Counter(), "eval": collections.Counter()}
+        self.image_shapes: tuple = ()  # this batch's image inputs: ((name, shape), ...)
         self.row_ids: Optional[torch.Tensor] = None
         self.kept_positions: Optional[torch.Tensor] = None
         self.skipped_batches = 0
@@ -1971,13 +2242,15 @@ class TrainingLossMonitor(transformers.TrainerCallback):
 
     def take_batch_extras(self, module, args, kwargs):
         self.row_ids = kwargs.pop("row_ids", None)
+        self.image_shapes = tuple((name, tuple(kwargs[name].shape)) for name in IMAGE_INPUT_NAMES
+                                  if torch.is_tensor(kwargs.get(name)))
         kept = kwargs.get("logits_to_keep")
         self.kept_positions = kept if torch.is_tensor(kept) else None
         return args, kwargs
 
     def loss(self, outputs, labels, num_items_in_batch=None):
         kept = labels.shape[1] if self.kept_positions is None else len(self.kept_positions)
-        self.shapes["train" if torch.is_grad_enabled() else "eval"][(*labels.shape, kept)] += 1
+        self.shapes["train" if torch.is_grad_enabled() else "eval"][(*labels.shape, kept, self.image_shapes)] += 1
         if self.kept_positions is not None:
             labels = labels_at_kept_positions(labels, self.kept_positions)
         if not torch.is_grad_enabled() and self.evaluation is not None:
@@ -2031,7 +2304,11 @@ class TrainingLossMonitor(transformers.TrainerCallback):
 
     def describe_shapes(self, stage: str) -> str:
         shapes, self.shapes[stage] = self.shapes[stage], collections.Counter()
-        listed = ", ".join(f"{b}x{n} ({k} logits): {count}" for (b, n, k), count in sorted(shapes.items()))
+
+        def images(image_shapes) -> str:
+            return "".join(f", {name} {'x'.join(map(str, shape))}" for name, shape in image_shapes)
+
+        listed = ", ".join(f"{b}x{n} ({k} logits{images(i)}): {count}" for (b, n, k, i), count in sorted(shapes.items()))
         return f"{len(shapes)} distinct {stage} batch shapes ({listed})"
 
     def check_non_finite(self, step: int) -> None:
@@ -2122,24 +2399,55 @@ def next_token_losses(outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a job they asked to stop
+# gaudi_spawn.py's stop request (its STOP_SIGNAL), for a SIGTERM or Ctrl-C sent to the launcher: mpirun passes SIGUSR1
+# on to the ranks and does nothing more, where it kills them a second or two after passing on a SIGTERM.
+LAUNCHER_STOP_SIGNAL = signal.SIGUSR1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, LAUNCHER_STOP_SIGNAL)
 
 
 class PreemptionHandler(transformers.TrainerCallback):
-    """On SIGTERM (what schedulers send before preempting), finish the step, save a checkpoint and stop. Ranks agree
-    on it after every step, so all stop at the same one: a MAX over a CPU flag in a gloo group of its own, so the host
-    never waits for the device (a flag on the HPU, reduced by HCCL, would drain the device's queue every step)."""
+    """On SIGTERM (what schedulers send before preempting), Ctrl-C (SIGINT) or the launcher's stop request (SIGUSR1),
+    finish the step, save a checkpoint and stop, with exit code 130 for Ctrl-C and 143 otherwise. A second SIGTERM or
+    Ctrl-C stops at once: a checkpoint cut short has no trainer_state.json, so resuming passes it over.
+
+    Ranks agree on it after every step, so all stop at the same one: a MAX over the signal numbers in a gloo group of
+    its own, on the CPU, so the host never waits for the device (a flag on the HPU, reduced by HCCL, would drain the
+    device's queue every step)."""
 
     def __init__(self):
-        self.requested = False
+        self.signum = 0  # the first stop signal this rank received, 0 for none
         self.stopped_at_step: Optional[int] = None
         self.host_group = None
 
-    def install(self):
-        """Handle SIGTERM from now on; returns the previous handler, for `signal.signal` to restore."""
-        return signal.signal(signal.SIGTERM, self.request)
+    def install(self) -> dict:
+        """Handle the stop signals from now on; returns the previous handlers, for `restore`."""
+        return {signum: signal.signal(signum, self.request) for signum in STOP_SIGNALS}
+
+    @staticmethod
+    def restore(previous: dict) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
     def request(self, signum, frame) -> None:
-        self.requested = True
+        # Raw writes: writing to sys.stderr while the interrupted code does can fail (a reentrant call). Each on a
+        # line of its own, after the progress bar's.
+        name = signal.Signals(signum).name
+        if not self.signum:
+            self.signum = signum
+            if signum != LAUNCHER_STOP_SIGNAL:  # the launcher says so itself
+                os.write(2, f"\n{name}: finishing this step, then saving a checkpoint and stopping; {name} again "
+                            "stops at once.\n".encode())
+        elif signum != LAUNCHER_STOP_SIGNAL:  # the launcher's request may come again; it asks for the same
+            # os._exit: stopping means not waiting for anything, the save being written included (a SystemExit
+            # would run the trainer's cleanup first). Under the launcher, it is the one to say so.
+            if self.signum != LAUNCHER_STOP_SIGNAL:
+                os.write(2, f"\n{name} again: stopped at once, before the checkpoint was complete; resuming picks the "
+                            "last complete one.\n".encode())
+            os._exit(128 + signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + signal.SIGINT if self.signum == signal.SIGINT else PREEMPTED_EXIT_CODE
 
     def on_train_begin(self, args, state, control, **kwargs):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -2147,14 +2455,47 @@ class PreemptionHandler(transformers.TrainerCallback):
             self.host_group = torch.distributed.new_group(backend="gloo")  # every rank calls this, in the same order
 
     def on_step_end(self, args, state, control, **kwargs):
-        requested = self.requested
         if self.host_group is not None:
-            flag = torch.tensor([int(requested)], dtype=torch.int32)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
-            requested = bool(flag.item())
-        if requested:
+            # Ranks without a signal of their own take the agreed one, so that every rank exits with the same code.
+            agreed = torch.tensor([self.signum], dtype=torch.int32)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
+            agreed_signum = int(agreed.item())
+            self.signum = self.signum or agreed_signum
+        if self.signum:
             self.stopped_at_step = state.global_step
             control.should_save = control.should_training_stop = True
+
+
+def part_learning_rates(model, lora_args: LoraArguments) -> dict[str, float]:
+    """{last module name: learning rate} of the model parts trained at a rate of their own (--vision_learning_rate,
+    --projector_learning_rate), projector first: Qwen2.5-VL's sits inside its vision tower."""
+    family = model_family(model.config.model_type)
+    rates = {family.projector: lora_args.projector_learning_rate, family.vision_tower: lora_args.vision_learning_rate}
+    return {name: rate for name, rate in rates.items() if rate is not None}
+
+
+def split_learning_rate_groups(optimizer, model, rates: dict[str, float], learning_rate: float) -> list[str]:
+    """Split each of the optimizer's parameter groups (one per weight decay) by model part: the parameters under a
+    module named in `rates` go to a group of that learning rate, the rest keep theirs. Done on the built optimizer,
+    before its first step, through torch's add_param_group, so that it works whichever optimizer the trainer chose
+    (Trainer.create_optimizer, transformers/trainer.py; GaudiTrainer's, optimum/habana/transformers/trainer.py, which
+    picks Habana's FusedAdamW itself). Returns one line per part, for the log."""
+    part_of = {}
+    for name, parameter in model.named_parameters():
+        parts = name.split(".")
+        part_of[id(parameter)] = next((part for part in rates if part in parts), None)
+    groups = list(optimizer.param_groups)
+    optimizer.param_groups.clear()
+    counts = collections.Counter()
+    for group in groups:
+        by_part = collections.defaultdict(list)
+        for parameter in group["params"]:
+            by_part[part_of.get(id(parameter))].append(parameter)
+        for part, parameters in by_part.items():
+            optimizer.add_param_group({**group, "params": parameters, "lr": rates.get(part, group["lr"])})
+            counts[part] += sum(parameter.numel() for parameter in parameters)
+    return [f"{part or 'the rest'}: learning rate {rates.get(part, learning_rate):g} ({counts[part]:,} parameters)"
+            for part in [None, *rates] if counts[part]]
 
 
 class WholeSplitEvaluationTrainer(Trainer):
@@ -2186,27 +2527,57 @@ class WholeSplitEvaluationTrainer(Trainer):
         return output
 
 
+class PartLearningRatesTrainer(WholeSplitEvaluationTrainer):
+    """Trainer whose optimizer trains the model parts in `part_learning_rates` ({last module name: learning rate}) at
+    their own rates, with WholeSplitEvaluationTrainer's evaluation; build_trainer also puts it in front of
+    GaudiTrainer."""
+
+    def __init__(self, *args, part_learning_rates: Optional[dict] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.part_learning_rates = part_learning_rates or {}
+
+    def create_optimizer(self):
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer()
+        if fresh and self.part_learning_rates:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise UsageError(f"--vision_learning_rate / --projector_learning_rate need a torch optimizer; --optim "
+                                 f"{self.args.optim} builds a {type(optimizer).__name__}.")
+            lines = split_learning_rate_groups(optimizer, self.model, self.part_learning_rates,
+                                               self.args.learning_rate)
+            logger.info("Optimizer parameter groups: " + "; ".join(lines))
+        return optimizer
+
+
 def train_and_save(trainer, num_rows: int) -> None:
     """Train (resuming from the checkpoint the arguments settled on), then save the adapter, processor and metrics."""
     args = trainer.args
     batch, accumulation, world = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size
     logger.info(f"Running training on {num_rows} rows: world size {world}, per-device batch {batch}, "
                 f"gradient accumulation {accumulation}, effective batch size {batch * world * accumulation}")
+    if args.resume_from_checkpoint:
+        logger.info(f"Resuming from {args.resume_from_checkpoint}; pass --overwrite_output_dir to start afresh.")
+        let_torch_load_restore_to_an_indexed_cpu()
+    elif args.should_save:
+        # The Trainer adds each run's metrics to this file; a training started afresh starts it afresh.
+        Path(args.output_dir, "all_results.json").unlink(missing_ok=True)
     preemption = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionHandler))
-    previous_handler = preemption.install()
+    previous_handlers = preemption.install()
     try:
         train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        if preemption.stopped_at_step is not None:
+            # Every rank waits for the checkpoint: the first rank to exit would end an MPI job while rank 0 still
+            # writes. Meanwhile a second signal still stops at once.
+            trainer.accelerator.wait_for_everyone()
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        preemption.restore(previous_handlers)
     if preemption.stopped_at_step is not None:
-        # Every rank waits for the checkpoint: the first rank to exit would end an MPI job while rank 0 still writes.
-        trainer.accelerator.wait_for_everyone()
-        logger.error(f"Preempted (SIGTERM): stopped after step {preemption.stopped_at_step} with a checkpoint in "
-                     f"{args.output_dir}. Resume with the same command.")
-        raise SystemExit(PREEMPTED_EXIT_CODE)
+        logger.error(f"Preempted ({signal.Signals(preemption.signum).name}): stopped after step "
+                     f"{preemption.stopped_at_step} with a checkpoint in {args.output_dir}. "
+                     "Resume with the same command.")
+        raise SystemExit(preemption.exit_code)
     trainer.save_model()
     metrics = {**train_result.metrics, "train_samples": num_rows}
-    trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
@@ -2217,14 +2588,13 @@ def train_and_save(trainer, num_rows: int) -> None:
 
 
 def evaluate_splits(trainer, splits: dict, generator: Optional[GenerationEvaluator], before: dict) -> None:
-    """Evaluate the eval split (--do_eval) and the test split (--do_predict); log and save their metrics."""
+    """Evaluate the eval split (--do_eval) and the test split (--do_predict); save their metrics (the run's summary
+    shows the main ones)."""
     evaluated = {}
     for stage, prefix in (("eval", "eval"), ("test", "predict")):
         if stage in splits:
             evaluated[prefix] = evaluate_split(trainer, splits[stage], prefix, generator)
-            metrics = {**evaluated[prefix], **(before if prefix == "eval" else {})}
-            trainer.log_metrics(prefix, metrics)
-            trainer.save_metrics(prefix, metrics)
+            trainer.save_metrics(prefix, {**evaluated[prefix], **(before if prefix == "eval" else {})})
     if before and "eval" in evaluated:
         log_before_and_after(before, evaluated["eval"])
 
@@ -2292,8 +2662,9 @@ class GenerationEvaluator:
         inputs = self.pad_prompts(inputs).to(model.device)
         self.prompt_shapes[tuple(inputs["input_ids"].shape)] += 1
         with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, use_cache=True,
-                                    eos_token_id=stop_token_ids(model, self.end_of_turn), **self.generate_options)
+            output = hpu_generation_model(model, self.generate_options).generate(
+                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, use_cache=True,
+                eos_token_id=stop_token_ids(model, self.end_of_turn), **self.generate_options)
         answers = self.encoder.decode(output[:, inputs["input_ids"].shape[1]:])
         records = []
         for (feature, _, _, golds, question), answer in zip(prepared, answers):
@@ -2513,9 +2884,36 @@ def write_outputs(trainer, skipped_rows: SkippedRows, processor, args: ScriptArg
     if any(report.values()):
         logger.warning(f"Rows skipped or truncated, by reason: {report} (see skipped_rows.json)")
     Path(trainer.args.output_dir, RUN_FLAGS_FILE).write_text(json.dumps(args.given, indent=1))
-    if args.run.merge_adapter and trainer.args.do_train:
+    if args.run.merge_adapter:
         model = trainer.accelerator.unwrap_model(trainer.model)
         export_merged(model, processor, Path(trainer.args.output_dir, "merged"))
+    log_summary(trainer.args, args, report)
+
+
+# The metrics the summary shows, of those all_results.json holds (per-group variants and timings left to the file).
+SUMMARY_METRICS = ("train_loss", *(f"{split}_{name}" for split in ("eval", "predict")
+                                   for name in ("loss", "perplexity", *METRIC_NAMES)))
+
+
+def log_summary(training_args, args: ScriptArguments, report: dict) -> None:
+    """The run's last lines: where each output is, and the main metrics."""
+    folder = Path(training_args.output_dir)
+    outputs = [("adapter", "adapter_model.safetensors", True), ("metrics", "all_results.json", True),
+               ("predictions", "predictions.jsonl", args.evaluation.generation_eval),
+               ("merged model", "merged", args.run.merge_adapter)]
+    lines = [f"  {what:<13}{folder / name}" for what, name, made in outputs if made and (folder / name).exists()]
+    if "tensorboard" in training_args.report_to and Path(training_args.logging_dir).is_dir():
+        lines.append(f"  {'TensorBoard':<13}tensorboard --logdir {training_args.logging_dir}")
+    if any(report.values()):
+        counts = ", ".join(f"{sum(report[action].values())} {action}" for action in report if report[action])
+        lines.append(f"  {'row report':<13}{folder / 'skipped_rows.json'} ({counts})")
+    results = {}
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        results = json.loads((folder / "all_results.json").read_text())
+    shown = [f"{name} {results[name]:.4f}" for name in SUMMARY_METRICS if isinstance(results.get(name), (int, float))]
+    if shown:
+        lines.append("  " + ", ".join(shown))
+    logger.info("Done. Outputs:\n" + "\n".join(lines))
 
 
 def export_merged(model, processor, output_dir: Path) -> None:
@@ -2531,9 +2929,8 @@ def export_merged(model, processor, output_dir: Path) -> None:
 
 
 def merge_saved_adapter(args: ScriptArguments) -> None:
-    """--merge_adapter without training: fold --adapter_path into the base model, written to <output_dir>/merged."""
-    if not args.run.adapter_path:
-        raise UsageError("--merge_adapter without --do_train needs --adapter_path (a saved adapter folder).")
+    """--merge_adapter alone: fold the run's adapter (adapter_for_run) into the base model, written to
+    <output_dir>/merged."""
     setup_run(args.training)
     model, processor, _ = load_model_with_adapter(args)
     export_merged(model, processor, Path(args.training.output_dir, "merged"))
@@ -2553,12 +2950,9 @@ def answer_one_question(args: ScriptArguments) -> str:
 
 
 def load_model_with_adapter(args: ScriptArguments):
-    """(model with --adapter_path applied if given, processor, family), for the modes that do not train."""
-    from peft import PeftModel
+    """(model with the run's adapter (adapter_for_run), processor, family), for the modes that do not train."""
     config, family, processor = load_processor(args.model)
-    model = load_model(args.model, args.training, config)
-    if args.run.adapter_path:
-        model = PeftModel.from_pretrained(model, args.run.adapter_path)
+    model = with_adapter(load_model(args.model, args.training, config), adapter_for_run(args), args.model)
     return model, processor, family
 
 
@@ -2593,13 +2987,45 @@ def training_arguments_class(given: dict[str, str]) -> type:
 
 def hpu_generation_options(training_args) -> dict:
     """optimum-habana's generate() options on Gaudi: lazy mode and HPU graphs (both off unless passed,
-    optimum/habana/transformers/generation/utils.py:1196-1197), and static shapes."""
+    optimum/habana/transformers/generation/utils.py:1196-1197), static shapes, and stopping at the end tokens, which
+    lazy mode would otherwise ignore (utils.py:1048-1049 takes ignore_eos from lazy_mode) and go on generating."""
     if not getattr(training_args, "use_habana", False):
         return {}
     lazy = training_args.use_lazy_mode
-    # HPU graphs need lazy mode (generation/utils.py:1334); GaudiTrainer's evaluate() has wrapped the model in them
-    # (optimum/habana/transformers/trainer.py:2058-2067) before the generation that follows it.
-    return {"lazy_mode": lazy, "hpu_graphs": lazy and training_args.use_hpu_graphs_for_inference, "static_shapes": lazy}
+    # HPU graphs need lazy mode (generation/utils.py:1334); hpu_generation_model wraps the model generate() runs.
+    return {"lazy_mode": lazy, "hpu_graphs": lazy and training_args.use_hpu_graphs_for_inference, "static_shapes": lazy,
+            "ignore_eos": False}
+
+
+def hpu_generation_model(model, generate_options: dict):
+    """The model to call generate() on, its generating model wrapped in HPU graphs (once) when the options ask for
+    them. generate() runs the forward of the model under PEFT's wrapper (peft/peft_model.py:1973 calls the base model's
+    generate, which calls `self(...)`, optimum/habana/transformers/generation/utils.py:2797), which GaudiTrainer's
+    wrapping of the evaluated (PEFT) model (optimum/habana/transformers/trainer.py:2058-2067) does not reach. Only
+    after any training: HPU graphs detach gradients."""
+    if not generate_options.get("hpu_graphs"):
+        return model
+    generating = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(generating, "wrapped_in_hpu_graph_for_generation", False):
+        from habana_frameworks.torch.hpu import wrap_in_hpu_graph
+
+        wrapped = wrap_in_hpu_graph(generating)
+        if wrapped is not generating:  # wrapped in a new module: put it where PEFT's wrapper calls it
+            if generating is model:
+                model = wrapped
+            else:
+                model.base_model.model = wrapped
+        wrapped.wrapped_in_hpu_graph_for_generation = True
+    return model
+
+
+@functools.cache
+def let_torch_load_restore_to_an_indexed_cpu() -> None:
+    """On several CPU ranks accelerate gives each the device "cpu:0" (accelerate/state.py:833-837), where Trainer loads
+    a resumed optimizer state (transformers/trainer.py:3485); torch.load knows how to restore to "cpu" only
+    (torch/serialization.py, default_restore_location) and would fail. Storages read for "cpu:N" stay on the CPU."""
+    torch.serialization.register_package(
+        9, lambda storage: None, lambda storage, location: storage if re.fullmatch(r"cpu:\d+", location) else None)
 
 
 def export_mpi_rank_environment() -> None:
@@ -2626,6 +3052,85 @@ def hpu_model_inputs(training_args, family: ModelFamily) -> dict:
         "flash_attention_fast_softmax": training_args.flash_attention_fast_softmax,
         "lazy_mode": training_args.use_lazy_mode,  # else the port marks lazy-mode steps even in eager mode
     }
+
+
+# The batch's image tensors of every family (MODEL_FAMILIES' image_inputs), whose shapes TrainingLossMonitor's shape
+# log shows: in Gaudi lazy mode a new one compiles new graphs.
+IMAGE_INPUT_NAMES = ("pixel_values", "image_grid_thw", "image_sizes")
+
+
+def settle_gaudi_image_size(encoder: ChatEncoder, config, splits: dict, training_args) -> None:
+    """On Gaudi in lazy mode, a --fixed_image_size for the families whose image tensors follow each image's size
+    (Qwen2.5-VL: pixel_values rows and image_grid_thw; LLaVA-NeXT: patches and image_sizes), unless given: each new
+    size would compile new graphs. Chosen from the data (the median height and width of a seeded sample of the rows'
+    images, headers only), snapped to a size the model takes without padding; logged. Before the validation pass, which
+    then counts every image's tokens at that size; every rank chooses the same."""
+    data_args = encoder.data_args
+    snap = GAUDI_IMAGE_SIZES.get(getattr(config, "model_type", None))
+    on_lazy_gaudi = getattr(training_args, "use_habana", False) and training_args.use_lazy_mode
+    if snap is None or data_args.fixed_image_size or not on_lazy_gaudi:
+        return
+    sizes = sampled_image_sizes(encoder, splits, training_args.seed)
+    if not sizes:
+        return
+    median = [int(np.median([size[axis] for size in sizes])) for axis in (0, 1)]
+    data_args.fixed_image_size = [int(side) for side in snap(encoder, config, *median)]
+    height, width = data_args.fixed_image_size
+    logger.info(f"Every image is resized to {height}x{width} (height x width) on Gaudi, from the median size "
+                f"{median[0]}x{median[1]} of {len(sizes)} sampled images, so that image shapes stay static; "
+                "--fixed_image_size HEIGHT WIDTH chooses another size.")
+
+
+ROWS_SAMPLED_FOR_IMAGE_SIZE = 256
+
+
+def sampled_image_sizes(encoder: ChatEncoder, splits: dict, seed: int) -> list[tuple[int, int]]:
+    """(height, width) of the images of a seeded sample of the splits' rows, from their headers; bad rows left out."""
+    pooled = [(rows, position) for rows in splits.values() for position in range(len(rows))]
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(len(pooled), size=min(len(pooled), ROWS_SAMPLED_FOR_IMAGE_SIZE), replace=False))
+    sizes = []
+    for index in picked:
+        rows, position = pooled[index]
+        try:
+            row = rows.dataset[int(rows.row_indices[position])]
+            sizes += [image_size(image, encoder.image_base_dir) for image in encoder.canonical_row(row)["images"]]
+        except InvalidRowError:
+            continue
+    return sizes
+
+
+def qwen2_5_vl_gaudi_image_size(encoder: ChatEncoder, config, height: int, width: int) -> tuple[int, int]:
+    """Sides in whole attention windows of optimum-habana's Qwen2.5-VL vision port, which pads each image's patch grid
+    to whole windows and then its patch count by multiples of 64 (optimum/habana/transformers/models/qwen2_5_vl/
+    modeling_qwen2_5_vl.py:262-313, asserting the 64); within the processor's pixel budget, which would otherwise
+    resize again."""
+    vision, image_processor = config.vision_config, encoder.processor.image_processor
+    patch, merge = vision.patch_size, vision.spatial_merge_size
+    window = max(1, vision.window_size // merge // patch)
+    unit = patch * math.lcm(merge * window, 8)  # 8 x 8 patches: whole windows, and patch counts in multiples of 64
+    max_pixels = encoder.image_kwargs.get("max_pixels", image_processor.max_pixels)
+    min_pixels = encoder.image_kwargs.get("min_pixels", image_processor.min_pixels)
+    scale = min(1.0, math.sqrt(max_pixels / (height * width)))
+    height, width = (max(unit, round(side * scale / unit) * unit) for side in (height, width))
+    while height * width > max_pixels and max(height, width) > unit:
+        height, width = (height - unit, width) if height >= width else (height, width - unit)
+    while height * width < min_pixels:
+        height, width = (height + unit, width) if height <= width else (height, width + unit)
+    return height, width
+
+
+def llava_next_gaudi_image_size(encoder: ChatEncoder, config, height: int, width: int) -> tuple[int, int]:
+    """The grid resolution LLaVA-NeXT's processor picks for such an image (transformers 4.55.4
+    image_processing_utils.py select_best_resolution): resized to it, no image is padded."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    return select_best_resolution((height, width), encoder.processor.image_processor.image_grid_pinpoints)
+
+
+# model_type -> the fixed image size on Gaudi for a median (height, width); families absent here resize every image
+# to one size themselves.
+GAUDI_IMAGE_SIZES = {"qwen2_5_vl": qwen2_5_vl_gaudi_image_size, "llava_next": llava_next_gaudi_image_size}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2661,26 +3166,65 @@ def gemma3_reference_attention_masks(attention_mask: torch.Tensor, token_type_id
             "sliding_attention": torch.where((earlier_or_self & in_window | same_image) & key_present, visible, hidden)}
 
 
+def gemma3_decoding_attention_masks(attention_mask: torch.Tensor, query_position, sliding_window: Optional[int],
+                                    dtype: torch.dtype) -> dict:
+    """The reference masks of one cached decoding step (a text query at `query_position`, a device tensor or an int):
+    the non-padding keys up to the query, on sliding layers fewer than `sliding_window` before it (transformers 4.55.4
+    masking_utils.py:78-87 with the query at its cache position). Static shapes: one graph whatever the position."""
+    batch, length = attention_mask.shape
+    key_position = torch.arange(length, device=attention_mask.device).view(1, length)
+    visible = (attention_mask != 0) & (key_position <= query_position)
+    in_window = True if sliding_window is None else key_position > query_position - sliding_window
+    shown = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    hidden = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
+    return {"full_attention": torch.where(visible, shown, hidden).view(batch, 1, 1, length),
+            "sliding_attention": torch.where(visible & in_window, shown, hidden).view(batch, 1, 1, length)}
+
+
 def gemma3_reference_attention_hook(module, args: tuple, kwargs: dict):
     """Forward pre-hook of the port's Gemma3Model: the reference masks in place of the 2D padding mask, for a
-    full-sequence forward with token_type_ids; a cached decoding step or a mask dict passes as it is."""
-    token_type_ids, attention_mask = kwargs.get("token_type_ids"), kwargs.get("attention_mask")
-    if token_type_ids is None or isinstance(attention_mask, dict) or kwargs.get("past_key_values") is not None:
+    full-sequence forward (training, evaluation, a generation's prompt) and for a cached decoding step of one token;
+    a mask dict passes as it is."""
+    attention_mask, input_ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
+    if isinstance(attention_mask, dict):
         return None
-    if token_type_ids.shape[1] == 1:
+    inputs_embeds = kwargs.get("inputs_embeds")
+    # The dtype of the attention scores: Habana's fused kernel takes a mask only in q's dtype, which under autocast
+    # (GaudiTrainer's bf16) is the autocast dtype, else that of the embeddings (as the port's own masks,
+    # modeling_gemma3.py:637-649).
+    device_type = (input_ids if input_ids is not None else inputs_embeds).device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = inputs_embeds.dtype if inputs_embeds is not None else module.get_input_embeddings().weight.dtype
+    sliding_window = getattr(module.config.get_text_config(), "sliding_window", None)
+    length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+    if kwargs.get("past_key_values") is not None:
+        if attention_mask is None or length != 1:
+            return None
+        # The query's cache position: optimum-habana's static shapes keep it in token_idx, 1-based
+        # (optimum/habana/transformers/generation/utils.py:1487, 669-670); otherwise the cache ends with it.
+        token_idx = kwargs.get("token_idx")
+        query_position = token_idx - 1 if token_idx is not None else attention_mask.shape[1] - 1
+        kwargs["attention_mask"] = gemma3_decoding_attention_masks(attention_mask, query_position, sliding_window,
+                                                                   dtype)
+        return args, kwargs
+    token_type_ids = kwargs.get("token_type_ids")
+    if token_type_ids is None and input_ids is not None:
+        # The port's prepare_inputs_for_generation drops token_type_ids (models/gemma3/modeling_gemma3.py:1103-1120);
+        # Gemma 3's processor marks exactly the image tokens (transformers models/gemma3/processing_gemma3.py:146-149).
+        token_type_ids = (input_ids == module.config.image_token_id).to(torch.long)
+    if token_type_ids is None or length == 1:
         return None
     if attention_mask is None:
         attention_mask = torch.ones_like(token_type_ids)
-    inputs_embeds = kwargs.get("inputs_embeds")
-    # The dtype the port itself builds its masks in (modeling_gemma3.py:637-649): that of the embeddings.
-    dtype = inputs_embeds.dtype if inputs_embeds is not None else module.get_input_embeddings().weight.dtype
-    sliding_window = getattr(module.config.get_text_config(), "sliding_window", None)
     kwargs["attention_mask"] = gemma3_reference_attention_masks(attention_mask, token_type_ids, sliding_window, dtype)
     return args, kwargs
 
 
 def use_gemma3_reference_attention(model, training_args):
-    """On Gaudi, make optimum-habana's Gemma 3 port attend as transformers' Gemma 3 does; returns the hook's handle,
+    """On Gaudi, make optimum-habana's Gemma 3 port attend as transformers' Gemma 3 does, in training, evaluation and
+    generation, and find image tokens without a host sync (static_image_placeholder_mask); returns the hook's handle,
     or None where nothing is needed. optimum-habana 1.21.2's port never reads token_type_ids (models/gemma3/
     modeling_gemma3.py:828, 970-995), so image tokens would attend causally only, and its sliding-window mask
     (modeling_attn_mask_utils.py:60-65) shows `sliding_window + 1` keys where transformers shows `sliding_window`
@@ -2694,7 +3238,21 @@ def use_gemma3_reference_attention(model, training_args):
         return None
     if len(ports) > 1:
         raise RuntimeError(f"Expected one optimum-habana GaudiGemma3Model in the model, found {len(ports)}.")
+    ports[0].get_placeholder_mask = static_image_placeholder_mask.__get__(ports[0])
     return ports[0].register_forward_pre_hook(gemma3_reference_attention_hook, with_kwargs=True)
+
+
+def static_image_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+    """The port's get_placeholder_mask on Gaudi: the image-token positions, found as upstream finds them, without
+    upstream's check that they are as many as the image features (transformers 4.55.4 models/gemma3/
+    modeling_gemma3.py:819, called by optimum-habana's port at models/gemma3/modeling_gemma3.py:883), which indexes the
+    embeddings with the boolean mask: a data-dependent shape, so in lazy mode a graph break and a device-to-host read
+    on every forward. The check cannot fail on the script's batches: a row's text never holds an image marker
+    (ChatEncoder.canonical_row), the processor writes each image's full token sequence, and --max_seq_length never cuts
+    an image (check_fits), as the validation pass confirms before training."""
+    if input_ids is None:  # embeddings passed in: upstream's own way to find the image positions
+        return type(self).get_placeholder_mask(self, input_ids, inputs_embeds, image_features)
+    return (input_ids == self.config.image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
 
 
 def check_gemma3_hpu_attention_flags(model_type: str, training_args) -> None:

@@ -70,6 +70,15 @@ What the numbers mean:
    loss's peak CPU-allocator memory and time with full logits and with kept positions, on a random
    Gemma 3 text model (vocabulary 16k, hidden 256: Gemma's vocabulary-to-hidden ratio), batch 4 x 512
    with 6 trained tokens per row. Targets: 0 syncs; kept peak memory under a quarter of full; equal loss.
+7. Gaudi cost at the ATen level, in its own table: one CPU rank per family (Gemma 3, Qwen2.5-VL, LLaVA-NeXT) of
+   `--use_habana --use_lazy_mode` through the HPU test double, counted by tests/aten_cost.py's TorchDispatchMode, which
+   sees every op whoever calls it (the libraries too): host syncs (value reads such as `item()`, and ops with
+   data-dependent output shapes such as boolean indexing) per optimizer step outside logging steps and per
+   evaluation batch, and distinct step signatures per epoch (shapes and dtypes of a micro-batch's inputs, images
+   included: the lazy-mode compiles; also shown, the op-level graphs). Qwen2.5-VL and LLaVA-NeXT train on images of
+   four sizes, which the Gaudi default resizes to one. "before" (Gemma 3, full run only) is the script at
+   LIBRARY_COST_BASELINE. Targets: Gemma 3 0 syncs in training and evaluation; every family at most one signature
+   per length bucket.
 
 Timings are wall-clock on a possibly shared machine; the pairing, medians and minimums above are there
 to keep other processes' load out of the ratios, but absolute numbers vary from machine to machine.
@@ -843,6 +852,99 @@ def report_gaudi_cost(table: "Table", r: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# 7. Gaudi cost at the ATen level, the libraries included, per family (its own table)
+# ---------------------------------------------------------------------------------------------------
+
+# The committed script the "before" column measures (Gemma 3 only): what git calls HEAD.
+LIBRARY_COST_BASELINE = "HEAD"
+LIBRARY_COST_FAMILIES = ("gemma3", "qwen2_5_vl", "llava_next")
+
+
+def bench_library_cost(workdir: Path, quick: bool) -> dict:
+    """One CPU rank of `--use_habana --use_lazy_mode` per family through the HPU test double, counted by
+    tests/aten_cost.py: one epoch of 16 rows in batches of 2 (logging every 4 steps), then the loss over 4 evaluation
+    rows. Qwen2.5-VL and LLaVA-NeXT train on images of four sizes; Gemma 3 on tiny_assets' charts. Gemma 3 also with
+    the script at LIBRARY_COST_BASELINE (if git has it), unless quick."""
+    import aten_cost
+    import tiny_assets
+    import tiny_llava_next
+    import tiny_qwen2_5_vl
+
+    assets = tiny_assets.write_assets(str(workdir / "library_cost_assets"))
+    models = {"gemma3": assets["model"],
+              "qwen2_5_vl": tiny_qwen2_5_vl.write_assets(str(workdir / "library_cost_assets"))["model"],
+              "llava_next": tiny_llava_next.write_assets(str(workdir / "library_cost_assets"))["model"]}
+    varied = aten_cost.varied_image_sizes(assets["dataset"], workdir / "library_cost_assets" / "varied")
+    runs = {}
+    scripts = {"now": REPO_ROOT / "run_lora_vlm.py"}
+    shown = subprocess.run(["git", "-C", str(REPO_ROOT), "show", f"{LIBRARY_COST_BASELINE}:run_lora_vlm.py"],
+                           capture_output=True, text=True)
+    if shown.returncode == 0 and not quick:
+        (workdir / "library_cost_baseline").mkdir()
+        scripts["before"] = workdir / "library_cost_baseline" / "run_lora_vlm.py"
+        scripts["before"].write_text(shown.stdout)
+    plan = [(family, "now") for family in LIBRARY_COST_FAMILIES] + [("gemma3", "before")] * ("before" in scripts)
+    for family, version in plan:
+        folder = workdir / f"library_cost_{family}_{version}"
+        argv = aten_cost.run_flags(
+            models[family], assets["dataset"] if family == "gemma3" else varied, folder / "out", "--do_train",
+            "--do_eval", "--max_train_samples", "16", "--max_eval_samples", "4", "--per_device_train_batch_size", "2",
+            "--per_device_eval_batch_size", "2", "--num_train_epochs", "1", "--logging_steps", "4")
+        (runs[(family, version)],) = aten_cost.cost_run(folder, argv, script=scripts[version])
+    return {"runs": runs}
+
+
+def summarize_library_cost(result: dict) -> dict:
+    import aten_cost
+
+    plain = [step["syncs"] for step in aten_cost.plain_steps(result)]
+    evaluation = [batch["syncs"] for batch in result["batches"]["eval"]]
+    sites = collections.Counter(site.split("@")[1].rsplit(":", 1)[0] for step in aten_cost.plain_steps(result)
+                                for site in step["sites"])
+    return {
+        "plain": plain, "eval": evaluation,
+        "sites": ", ".join(f"{site} x{count / max(len(plain), 1):.0f}" for site, count in sites.most_common(3)),
+        "signatures": max(aten_cost.signatures_per_epoch(result["batches"]["train"]).values(), default=0),
+        "graph_signatures": max(aten_cost.signatures_per_epoch(result["batches"]["train"], "graph").values(),
+                                default=0),
+        "eval_signatures": max(aten_cost.signatures_per_epoch(result["batches"]["eval"]).values(), default=0),
+        "buckets": result["length_buckets"], "image_size": result.get("fixed_image_size"),
+    }
+
+
+def report_library_cost(table: "Table", r: dict) -> None:
+    table.add("7. 1 CPU rank via the HPU double, lazy mode, per family: 1 epoch of 16 rows, batch 2, logging every 4 "
+              "steps; 4 eval rows", "")
+    for (family, version), result in r["runs"].items():
+        s = summarize_library_cost(result)
+        gemma = family == "gemma3"
+        label = f"   {family}{' (' + version + ')' if version != 'now' else ''}"
+
+        def mean_max(values) -> str:
+            return f"{statistics.mean(values):.1f}, {max(values)}" if values else "none"
+
+        table.add(f"{label}: ATen host syncs per plain training step (mean, max)", mean_max(s["plain"]),
+                  "0" if gemma else "(no target)", (max(s["plain"], default=0) == 0) if gemma and version == "now"
+                  else None)
+        table.add(f"{label}: ATen host syncs per evaluation batch (mean, max)", mean_max(s["eval"]),
+                  "0" if gemma else "(no target)", (max(s["eval"], default=0) == 0) if gemma and version == "now"
+                  else None)
+        if s["sites"]:
+            table.add(f"{label}: where (most frequent, per step)", s["sites"][:100])
+        if version != "now":
+            continue
+        buckets = len(s["buckets"])
+        table.add(f"{label}: training step signatures per epoch (inputs, images included)", str(s["signatures"]),
+                  f"<= {buckets} (buckets {s['buckets']})", 1 <= s["signatures"] <= buckets)
+        table.add(f"{label}: evaluation batch signatures", str(s["eval_signatures"]), f"<= {buckets}",
+                  1 <= s["eval_signatures"] <= buckets)
+        table.add(f"{label}: distinct op-level graphs per training micro-batch", str(s["graph_signatures"]),
+                  "(no target)")
+        if s["image_size"]:
+            table.add(f"{label}: image size on Gaudi (height x width)", "x".join(map(str, s["image_size"])))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------
 
@@ -956,7 +1058,7 @@ def report_validation(table: Table, r: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions; under about two minutes")
-    parser.add_argument("--only", nargs="+", type=int, choices=[1, 2, 3, 4, 5, 6], help="run only these sections")
+    parser.add_argument("--only", nargs="+", type=int, choices=[1, 2, 3, 4, 5, 6, 7], help="run only these sections")
     parser.add_argument("--profile", action="store_true", help="always print the collator's cProfile")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -967,10 +1069,11 @@ def main(argv=None) -> int:
         print(RESULT_MARKER + json.dumps(result), flush=True)
         return 0
 
-    sections = set(args.only or [1, 2, 3, 4, 5, 6])
+    sections = set(args.only or [1, 2, 3, 4, 5, 6, 7])
     started = time.perf_counter()
     table = Table()
     cost_table = Table()  # section 6 prints its own table
+    library_table = Table()  # and so does section 7
     profile_text = None
     import tiny_assets
 
@@ -986,6 +1089,8 @@ def main(argv=None) -> int:
             (4, "4. training", lambda: bench_training(tokenizer, workdir, args.quick), report_training),
             (5, "5. validation", lambda: bench_validation(tokenizer, workdir, args.quick), report_validation),
             (6, "6. Gaudi cost", lambda: bench_gaudi_cost(workdir, args.quick), lambda _, r: report_gaudi_cost(cost_table, r)),
+            (7, "7. Gaudi library cost", lambda: bench_library_cost(workdir, args.quick),
+             lambda _, r: report_library_cost(library_table, r)),
         ]
         for number, name, run, report in plan:
             if number not in sections:
@@ -1009,7 +1114,9 @@ def main(argv=None) -> int:
     print(table.render())
     if cost_table.rows:
         print("\nGaudi cost of the HPU path (6; columns: before / now)\n\n" + cost_table.render())
-    table.failed = table.failed or cost_table.failed
+    if library_table.rows:
+        print("\nGaudi cost at the ATen level, libraries included (7)\n\n" + library_table.render())
+    table.failed = table.failed or cost_table.failed or library_table.failed
     if profile_text:
         print("\nCollator profile (cProfile, cumulative):\n" + profile_text)
     print("\nRESULT: " + ("some targets missed" if table.failed else "all targets met"))

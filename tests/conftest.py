@@ -2,11 +2,14 @@
 """Shared fixtures and helpers: the tiny offline models and data (built once per test session), the flags of a
 short CPU run, and the script's data path up to the collator (what `main` runs before it loads the model)."""
 
+import atexit
 import gc
+import importlib.util
 import os
 import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,32 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Hermetic caches: the Hugging Face home of every test and of every subprocess a test starts (they inherit the
+# environment) is one temporary folder per session, so nothing reaches ~/.cache/huggingface (the row checks' cache
+# and datasets' cache of loaded files included). Set here, before any test module imports datasets or transformers:
+# both read these variables once, at import (datasets/config.py, huggingface_hub/constants.py).
+
+
+def hf_cache_environment(home) -> dict:
+    """Variables that put every Hugging Face cache under `home`; HF_HUB_CACHE too, as it wins over HF_HOME."""
+    home = Path(home)
+    return {"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_DATASETS_CACHE": str(home / "datasets"),
+            "HF_MODULES_CACHE": str(home / "modules"), "HF_XET_CACHE": str(home / "xet")}
+
+
+# Names that would also win over HF_HOME (transformers warns when TRANSFORMERS_CACHE is set, so it is removed,
+# not pointed at the folder).
+OVERRIDING_CACHE_VARIABLES = ("TRANSFORMERS_CACHE", "HUGGINGFACE_HUB_CACHE", "PYTORCH_TRANSFORMERS_CACHE",
+                              "PYTORCH_PRETRAINED_BERT_CACHE", "HF_ASSETS_CACHE", "HUGGINGFACE_ASSETS_CACHE")
+# A subprocess that imports this file again (a test file run as a script) keeps the environment its parent gave it.
+HF_HOME_OWNER = "RUN_LORA_VLM_TESTS_HF_HOME"
+if HF_HOME_OWNER not in os.environ:
+    os.environ[HF_HOME_OWNER] = tempfile.mkdtemp(prefix="run-lora-vlm-tests-hf-")
+    atexit.register(shutil.rmtree, os.environ[HF_HOME_OWNER], ignore_errors=True)
+    for _name in OVERRIDING_CACHE_VARIABLES:
+        os.environ.pop(_name, None)
+    os.environ.update(hf_cache_environment(os.environ[HF_HOME_OWNER]))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TESTS_DIR = Path(__file__).resolve().parent
@@ -39,6 +68,12 @@ SEED_EIGHT_CARDS = [
     "--lora_rank", "16", "--max_train_samples", "4096", "--overwrite_output_dir", "--bf16", "--logging_steps", "50",
     "--log_level", "info", "--save_steps", "50", "--report_to", "tensorboard", "--do_eval", "--gradient_checkpointing",
 ]
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "habana_double: tests of the habana_frameworks TEST DOUBLE itself (and of optimum-habana through "
+        "it), not of the product; deselect with -m 'not habana_double' (tests/habana_double/README.md)")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -135,6 +170,32 @@ def launch_command(world_size, script, *args):
         port = probe.getsockname()[1]
     return [sys.executable, str(REPO_ROOT / "gaudi_spawn.py"), "--world_size", str(world_size), "--use_mpi",
             "--master_port", str(port), str(script), *args]
+
+
+HABANA_DOUBLE = TESTS_DIR / "habana_double"
+# Launcher and device variables that would change how accelerate or optimum-habana set up a process.
+LAUNCHER_VARIABLE_PREFIXES = ("PT_HPU_", "HABANA_", "OMPI_", "PMI_", "MV2_", "ACCELERATE_", "FSDP_")
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def habana_double_env(hf_home=None) -> dict:
+    """The environment of a subprocess that imports optimum.habana through the habana_frameworks TEST DOUBLE
+    (tests/habana_double/README.md): this one less launcher and device variables, the double first on PYTHONPATH (with
+    the torchvision stub where torchvision cannot be found), this interpreter's folder first on PATH (optimum-habana
+    runs `pip list` on import), offline, no bytecode written into the double. `hf_home`: another Hugging Face home
+    (e.g. one holding a Gaudi config), in place of the session's."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(LAUNCHER_VARIABLE_PREFIXES) and name not in LAUNCHER_VARIABLES}
+    paths = [str(HABANA_DOUBLE)]
+    if importlib.util.find_spec("torchvision") is None:
+        paths.append(str(HABANA_DOUBLE / "torchvision_stub"))  # optimum-habana's GLM-4V port imports it
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONDONTWRITEBYTECODE="1")
+    if hf_home is not None:
+        env.update(hf_cache_environment(hf_home))
+    return env
 
 
 def run_training(argv):

@@ -2,9 +2,10 @@
 """Runs run_lora_vlm.main() and sends this very process a signal right after a given training step.
 
 For the reliability tests: `python tests/interrupted_main.py --at_step 3 --signal KILL <run_lora_vlm flags>`
-dies as a preempted or crashed job would, at a known point. With `--slow_rank R`, rank R takes 3 s longer to
-finish training (as a slow file system or a callback flushing its writes would); each rank then writes the time
-it finished training to `<output_dir>/rank<N>-finished` and the time it exits to `<output_dir>/rank<N>-exit`.
+dies as a preempted or crashed job would, at a known point. With `--slow_rank R`, rank R finishes training last
+(as with a slow file system or a callback flushing its writes): it waits until every other rank has finished, then
+3 s more. Each rank writes `<output_dir>/rank<N>-finished` when it has finished training and `<output_dir>/rank<N>-exit`
+as it exits, each listing the markers present at that moment: the order of events, read without a clock.
 """
 
 import atexit
@@ -52,15 +53,25 @@ def main() -> None:
             del argv[argv.index(flag): argv.index(flag) + 2]
     if slow_rank is not None:
         rank, train = os.environ.get("OMPI_COMM_WORLD_RANK", "0"), transformers.Trainer.train
+        world_size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
+        others = [f"rank{r}-finished" for r in range(world_size) if str(r) != rank]
 
-        def timed_train(self, *args, **kwargs):
+        def mark(folder: str, name: str) -> None:
+            Path(folder, name).write_text("\n".join(sorted(p.name for p in Path(folder).glob("rank*-*"))))
+
+        def marked_train(self, *args, **kwargs):
             result = train(self, *args, **kwargs)
-            time.sleep(3 if rank == slow_rank else 0)
-            Path(self.args.output_dir, f"rank{rank}-finished").write_text(repr(time.time()))
-            atexit.register(lambda: Path(self.args.output_dir, f"rank{rank}-exit").write_text(repr(time.time())))
+            if rank == slow_rank:
+                deadline = time.monotonic() + 600  # only against a hang: the other ranks finish within seconds
+                while not all(Path(self.args.output_dir, name).exists() for name in others):
+                    assert time.monotonic() < deadline, f"rank {rank}: the other ranks never finished training"
+                    time.sleep(0.1)
+                time.sleep(3)  # time for a rank that does not wait for this one to exit before it finishes
+            mark(self.args.output_dir, f"rank{rank}-finished")
+            atexit.register(mark, self.args.output_dir, f"rank{rank}-exit")
             return result
 
-        transformers.Trainer.train = timed_train
+        transformers.Trainer.train = marked_train
     run_lora_vlm.build_trainer = with_signal_at_step(run_lora_vlm.build_trainer, step, signum)
     sys.exit(run_lora_vlm.cli(argv))
 

@@ -37,12 +37,24 @@ def test_training_writes_adapter_processor_and_finite_metrics(trained):
     assert json.loads((output_dir / "skipped_rows.json").read_text())["rows"] == []
 
 
+def language_model_lora_names(assets) -> set:
+    """The LoRA weights of every linear layer of every language-model layer (Gemma 3's module layout)."""
+    from transformers import AutoConfig
+
+    layers = AutoConfig.from_pretrained(assets["model"]).text_config.num_hidden_layers
+    linears = [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    linears += [f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    return {f"base_model.model.model.language_model.layers.{i}.{linear}.lora_{ab}.default.weight"
+            for i in range(layers) for linear in linears for ab in "AB"}
+
+
 def test_lora_weights_changed_and_base_weights_did_not(trained, assets):
     trainer, _ = trained
     original = load_file(f"{assets['model']}/model.safetensors")
     state = {k: v.detach() for k, v in trainer.model.state_dict().items()}
-    lora_b = [v for k, v in state.items() if "lora_B" in k]
-    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # lora_B starts at zero
+    lora_b = {k: v for k, v in state.items() if "lora_B" in k}
+    assert set(lora_b) == {name for name in language_model_lora_names(assets) if "lora_B" in name}
+    assert [k for k, v in lora_b.items() if v.abs().sum() == 0] == []  # lora_B starts at zero
     base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
     for name, tensor in original.items():
         candidates = [k for k in base if k.endswith(name.split("model.", 1)[-1]) and base[k].shape == tensor.shape]
@@ -50,10 +62,10 @@ def test_lora_weights_changed_and_base_weights_did_not(trained, assets):
         assert torch.equal(base[candidates[0]], tensor), name
 
 
-def test_lora_targets_only_the_language_model(trained):
+def test_lora_targets_only_the_language_model(trained, assets):
     trainer, _ = trained
     adapted = {n for n, _ in trainer.model.named_parameters() if "lora_" in n}
-    assert adapted and all(".language_model." in n for n in adapted)
+    assert adapted == language_model_lora_names(assets)
     for suffix in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         assert any(f".{suffix}.lora_A" in n for n in adapted), suffix
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -71,7 +83,8 @@ def test_saved_adapter_reloads_with_identical_logits(trained, assets):
         reloaded = PeftModel.from_pretrained(base, str(output_dir)).eval()
         actual = reloaded(**inputs).logits
     assert torch.allclose(actual, expected, atol=1e-5)
-    assert AutoProcessor.from_pretrained(str(output_dir)).chat_template
+    assert AutoProcessor.from_pretrained(str(output_dir)).chat_template == AutoProcessor.from_pretrained(
+        assets["model"]).chat_template
 
 
 def test_training_lowers_eval_loss_on_the_same_eval_set(trained, assets, tmp_path):
@@ -97,7 +110,7 @@ def test_the_same_flags_without_gaudi_ones_parse_into_stock_training_arguments()
     args = rlv.parse_args(argv)
     assert isinstance(args.training, transformers.TrainingArguments) and not hasattr(args.training, "use_habana")
     assert (args.model.model_name_or_path, args.data.max_train_samples, args.lora.lora_rank) == ("google/gemma-3-12b-it", 128, 16)
-    assert args.training.bf16 and args.training.gradient_checkpointing
+    assert args.training.bf16 is True and args.training.gradient_checkpointing is True
     # No accelerator here: images are prepared in the training process and host memory is not pinned (no warning).
     assert args.training.dataloader_num_workers == 0 and args.training.dataloader_pin_memory is False
 
@@ -237,14 +250,16 @@ def test_flag_mistakes_print_one_line_and_exit_2(assets, tmp_path, capsys, flags
     assert err.startswith(f"error: {message}") and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_a_wrong_model_path_is_one_line_before_the_dataset_is_read(tmp_path, capsys, monkeypatch):
+def test_a_broken_model_config_is_one_line_before_the_dataset_is_read(assets, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(rlv, "load_data", lambda *args: pytest.fail("the dataset was read before the model was checked"))
-    missing = tmp_path / "no-such-model"
-    argv = ["--model_name_or_path", str(missing), "--dataset_name", str(tmp_path / "no-such-data"),
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "gemma3",')  # cut short
+    argv = ["--model_name_or_path", str(broken), "--dataset_name", assets["dataset"],
             "--output_dir", str(tmp_path / "out"), "--do_train"]
     assert rlv.cli(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: --model_name_or_path {missing}: cannot load its config") and err.count("\n") == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"error: --model_name_or_path {broken}: cannot load its config")
 
 
 def test_the_processor_loads_without_the_slow_processor_notice_and_with_the_checkpoints_pixels(assets):

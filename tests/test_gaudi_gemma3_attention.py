@@ -1,19 +1,26 @@
 # Licensed under the Apache License, Version 2.0 (the "License").
-"""On Gaudi, Gemma 3 trains with the attention of transformers' Gemma 3 (issue 14).
+"""On Gaudi, Gemma 3 trains and generates with the attention of transformers' Gemma 3 (issues 14 and 22).
 
 optimum-habana's Gemma 3 port ignores token_type_ids and builds its own masks; run_lora_vlm.py hands it
 the reference masks (`use_gemma3_reference_attention`). Checked here:
 
 * in this process: the masks equal those transformers' Gemma 3 builds itself (captured from its own
-  forward), they build on the meta device (no value is read back, no data-dependent shape), and the
-  fused-attention flags that would change the result are refused;
-* for the same batch (images, right padding, rows longer than the sliding window) and the same weights,
-  the Gaudi-patched model gives the logits, loss and LoRA gradients of upstream transformers' Gemma 3 with
-  token_type_ids, with fused attention off and on (fp32, atol 1e-5); without the product's masks, or with
-  --flash_attention_causal_mask, it does not. The reference runs in this process (optimum.habana is
-  never imported here); the port in ONE subprocess with the habana_frameworks TEST DOUBLE first on
-  PYTHONPATH (its FusedSDPA is a CPU stand-in, see tests/habana_double/README.md), after
-  adapt_transformers_to_gaudi() and before the model is built, as on Gaudi.
+  forward), they build on the meta device (no value is read back, no data-dependent shape), the
+  fused-attention flags that would change the result are refused, and --use_hpu_graphs_for_inference wraps
+  the model generate() runs;
+* for the same batch (images, right padding, rows longer than the sliding window), the same weights and
+  grouped-query heads (4 query over 2 key/value heads), the Gaudi-patched model gives the logits, loss and
+  LoRA gradients of upstream transformers' Gemma 3 with token_type_ids, with fused attention off and on, in
+  float32 (atol 1e-5) and in bf16 autocast (within what bf16 rounding moves upstream's own results); without
+  the product's masks, or with --flash_attention_causal_mask, it does not;
+* greedy generation through optimum-habana's generate() with the product's HPU options (lazy mode, static
+  shapes) gives upstream's tokens and scores on left-padded prompts with images, longer than the sliding window;
+* on Gaudi the image placeholder mask skips upstream's boolean-index count (a host sync every forward) and the
+  language model gets identical embeddings; the double's FusedSDPA refuses a mask in another dtype than q's.
+
+The reference runs in this process (optimum.habana is never imported here); the port in ONE subprocess with
+the habana_frameworks TEST DOUBLE first on PYTHONPATH (its FusedSDPA is a CPU stand-in, see
+tests/habana_double/README.md), after adapt_transformers_to_gaudi() and before the model is built, as on Gaudi.
 
 Run the subprocess part directly for debugging:
     PATH=$(dirname $(which python)):$PATH PYTHONPATH=tests/habana_double:. \
@@ -34,6 +41,15 @@ import run_lora_vlm
 
 HERE = Path(__file__).resolve().parent
 ATOL = 1e-5
+# bf16 autocast rounds every matmul's inputs and outputs to 8 significant bits; the port and upstream round in different
+# places (the port multiplies in its own Matmul modules, the fused stand-in accumulates in float32), so they can
+# differ by as much as bf16 rounding moves either one. The yardstick is measured, not guessed: how far upstream's own
+# bf16 results lie from its float32 ones on the same batch (`bf16_rounding`). The port may differ from upstream by at
+# most BF16_SLACK times that; a wrong attention pattern differs by far more (checked below).
+BF16_SLACK = 1.5
+QUERY_HEADS, KV_HEADS = 4, 2
+PROMPT_BUCKET = 24  # generation prompts are left-padded to this length
+NEW_TOKENS = 6  # more than SLIDING_WINDOW: decoding steps meet the window too
 # Far above ATOL: what a changed attention pattern does to this tiny model's logits.
 CLEARLY_DIFFERENT = 1e-3
 # Shorter than an image (MM_TOKENS_PER_IMAGE = 4 tokens) and than every row: the window really masks,
@@ -137,6 +153,45 @@ def test_reference_attention_is_not_installed_off_gaudi():
     assert not model.model._forward_pre_hooks
 
 
+def test_hpu_graphs_for_generation_wrap_the_model_generate_runs(monkeypatch):
+    """--use_hpu_graphs_for_inference: generate() under PEFT's wrapper runs the base model's forward, so that is the
+    module wrapped (once), not the PEFT model the trainer wraps for evaluation. Habana's wrap_in_hpu_graph is replaced
+    by a recording pass-through (this machine has no HPU graphs)."""
+    import functools
+    import sys
+    import types
+
+    from peft import LoraConfig, get_peft_model
+
+    wrapped, graph_calls = [], []
+
+    def wrap_in_hpu_graph(module):
+        forward = module.forward
+
+        @functools.wraps(forward)
+        def graph_forward(*args, **kwargs):
+            graph_calls.append(type(module).__name__)
+            return forward(*args, **kwargs)
+
+        module.forward = graph_forward
+        wrapped.append(module)
+        return module
+
+    hpu = types.ModuleType("habana_frameworks.torch.hpu")
+    hpu.wrap_in_hpu_graph = wrap_in_hpu_graph
+    for name, module in (("habana_frameworks", types.ModuleType("habana_frameworks")),
+                         ("habana_frameworks.torch", types.ModuleType("habana_frameworks.torch")),
+                         ("habana_frameworks.torch.hpu", hpu)):
+        monkeypatch.setitem(sys.modules, name, module)
+    model = get_peft_model(_tiny_upstream_gemma3(), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert run_lora_vlm.hpu_generation_model(model, {"hpu_graphs": False}) is model and not wrapped
+    for _ in range(2):
+        generating = run_lora_vlm.hpu_generation_model(model, {"hpu_graphs": True})
+        generating.generate(input_ids=torch.tensor([[2, 10, 11, 12]]), max_new_tokens=3, do_sample=False)
+    assert generating is model and wrapped == [model.get_base_model()]  # wrapped once
+    assert graph_calls == ["Gemma3ForConditionalGeneration"] * 6  # every step of both generations
+
+
 # --------------------------------------------------------------------------- the Gaudi port, in a subprocess
 
 
@@ -188,6 +243,64 @@ def test_fused_variants_really_run_the_fused_kernel_with_the_mask(compared):
         for call in calls:
             assert call["mask_shape"] == [2, 1, length, length] and not call["is_causal"]
             assert call["recompute"] == recompute and call["softmax_mode"] == softmax and call["requires_backward"]
+
+
+def test_grouped_query_heads_reach_the_kernel(compared):
+    """4 query heads over 2 key/value heads (as Gemma 3 12B groups 16 over 8): the fused path gets them ungrouped."""
+    for call in compared["variants"]["fused"]["fused_calls"]:
+        assert call["q_shape"][1] == QUERY_HEADS and call["k_shape"][1] == KV_HEADS
+
+
+@pytest.mark.parametrize("variant", ["eager", "fused"])
+def test_port_matches_transformers_in_bf16_autocast(compared, variant):
+    rounding, r = compared["bf16_rounding"], compared["bf16"][variant]
+    assert rounding["max_logit_diff"] > 0  # bf16 did round: the yardstick is not zero
+    assert r["max_logit_diff"] <= BF16_SLACK * rounding["max_logit_diff"]
+    assert r["max_grad_diff"] <= BF16_SLACK * rounding["max_grad_diff"]
+    assert r["loss_diff"] <= BF16_SLACK * rounding["loss_diff"]
+    # Without the product's masks the same comparison is off by far more than rounding.
+    wrong = compared["bf16"]["port_own_masks"]
+    assert wrong["max_logit_diff"] > 10 * rounding["max_logit_diff"]
+
+
+def test_fused_kernel_gets_a_mask_in_the_queries_bf16(compared):
+    calls = compared["bf16"]["fused"]["fused_calls"]
+    assert len(calls) == 2 and {call["mask_dtype"] for call in calls} == {"torch.bfloat16"}
+    # The double refuses what Habana's kernel refuses: a float32 mask with bf16 queries.
+    assert "attn_mask is torch.float32 but q is torch.bfloat16" in compared["fused_sdpa_mask_dtype_error"]
+
+
+def test_image_placeholder_mask_on_gaudi_gives_identical_embeddings_without_a_sync(compared):
+    import tiny_assets
+
+    r = compared["placeholder"]
+    assert r["identical"]
+    # The image features land on the image tokens, and only there (three images in the batch).
+    assert r["positions_with_image_features"] == r["image_tokens"] == 3 * tiny_assets.MM_TOKENS_PER_IMAGE
+    # Upstream's check indexes with a boolean mask (transformers models/gemma3/modeling_gemma3.py:819): one sync.
+    assert r["syncs"] == {"upstream": ["index@modeling_gemma3.py:819:get_placeholder_mask"], "replaced": []}
+
+
+@pytest.mark.parametrize("attention", ["eager", "fused"])
+def test_generation_on_hpu_equals_upstream_greedy_token_for_token(compared, attention):
+    """Prompts with images, longer than the sliding window, left-padded; more new tokens than the window."""
+    g = compared["generation"]
+    assert g["options"] == {"lazy_mode": True, "hpu_graphs": False, "static_shapes": True, "ignore_eos": False}
+    r = g[attention]
+    assert len(r["expected_tokens"][0]) == NEW_TOKENS  # upstream did not stop early: every step is compared
+    assert r["tokens"] == r["expected_tokens"]
+    assert r["max_score_diff"] <= ATOL
+    if attention == "fused":
+        prompt, decode = [c for c in r["fused_calls"] if c["q_shape"][2] > 1], [c for c in r["fused_calls"]
+                                                                              if c["q_shape"][2] == 1]
+        length = PROMPT_BUCKET + NEW_TOKENS  # static shapes: the prompt padded by max_new_tokens, one cache size
+        assert len(prompt) == 2 and all(c["mask_shape"] == [2, 1, length, length] for c in prompt)
+        assert len(decode) == 2 * (NEW_TOKENS - 1) and all(c["mask_shape"] == [2, 1, 1, length] for c in decode)
+
+
+def test_generation_without_the_product_masks_differs(compared):
+    r = compared["generation"]["port_own_masks"]
+    assert r["tokens"] != r["expected_tokens"]
 
 
 def test_text_only_rows_match_too(compared):
@@ -291,6 +404,8 @@ def _reference_case(config_dir):
     tokenizer = tiny_assets.build_tokenizer()
     config = tiny_assets.build_config(tokenizer)
     config.text_config.sliding_window = SLIDING_WINDOW
+    # Grouped-query attention, as Gemma 3 has it (12B: 16 query heads over 8 key/value heads).
+    config.text_config.num_attention_heads, config.text_config.num_key_value_heads = QUERY_HEADS, KV_HEADS
     config.save_pretrained(config_dir)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -303,7 +418,54 @@ def _reference_case(config_dir):
         batch, labels, row_lengths = _batch(tokenizer, config, with_images)
         case[name] = {"batch": batch, "labels": labels, "row_lengths": row_lengths,
                       "expected": _forward_backward(reference, batch, labels)}
+    images = case["images"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        case["images_bf16"] = {**images, "expected": _forward_backward(reference, images["batch"], images["labels"])}
+    # How far bf16 rounding alone moves upstream's own results (bf16 autocast against float32): the yardstick of the
+    # bf16 comparisons.
+    case["bf16_rounding"] = _compare(case["images_bf16"]["expected"], images["expected"])
+    reference.eval()
+    prompts = _prompts(tokenizer, config)
+    with torch.no_grad():
+        generated = reference.generate(**prompts, **_greedy(config))
+    case["generation"] = {"prompts": prompts, "expected": _generated(generated, prompts)}
     return case
+
+
+def _prompts(tokenizer, config):
+    """Two generation prompts with images, left-padded to one length (as GenerationEvaluator pads them to a bucket),
+    both longer than the sliding window."""
+    gen = torch.Generator().manual_seed(3)
+    boi, eoi, image = config.boi_token_index, config.eoi_token_index, config.image_token_id
+    picture = [boi] + [image] * config.mm_tokens_per_image + [eoi]
+
+    def text(n):
+        return torch.randint(9 + 256, image, (n,), generator=gen).tolist()
+
+    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+    rows = [[bos] + text(3) + picture + text(2) + picture + text(3), [bos] + text(2) + picture + text(4)]
+    length = PROMPT_BUCKET
+    input_ids = torch.tensor([[pad] * (length - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in rows])
+    size = config.vision_config.image_size
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": (input_ids == image).long(),
+            "pixel_values": torch.randn(int((input_ids == boi).sum()), 3, size, size, generator=gen)}
+
+
+def _greedy(config):
+    """Greedy decoding as GenerationEvaluator asks for it, with the scores of every step."""
+    return {"max_new_tokens": NEW_TOKENS, "do_sample": False, "use_cache": True,
+            "eos_token_id": config.text_config.eos_token_id, "pad_token_id": config.text_config.pad_token_id,
+            "output_scores": True, "return_dict_in_generate": True}
+
+
+def _generated(output, prompts):
+    """(new tokens per row, scores per step) of a generate() output; optimum-habana's static shapes return the
+    sequences padded to prompt + max_new_tokens, so only the steps taken are kept."""
+    steps = len(output.scores)
+    tokens = output.sequences[:, prompts["input_ids"].shape[1]:][:, :steps]
+    return {"tokens": tokens.tolist(), "scores": torch.stack([score.float() for score in output.scores]),
+            "tail": output.sequences[:, prompts["input_ids"].shape[1] + steps:].tolist()}
 
 
 def _fused_sdpa_against_torch():
@@ -341,6 +503,43 @@ def _fused_sdpa_against_torch():
         "unmasked_vs_causal": diff(FusedSDPA.apply(q, k, v, None, 0.0, False, None),
                                    sdpa(q, k, v, is_causal=True, enable_gqa=True)),
     }
+
+
+def _placeholder_replacement(port, images):
+    """The embeddings the language model gets, and the host syncs of a forward, with the product's image placeholder
+    mask on Gaudi and with upstream's (which counts the image tokens through a boolean index)."""
+    import aten_cost
+
+    gemma3_model = port.get_base_model().model
+    batch = images["batch"]
+    captured = []
+    grab = gemma3_model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.append(kwargs["inputs_embeds"].detach().clone()), with_kwargs=True)
+    syncs = {}
+    replacement = gemma3_model.__dict__.pop("get_placeholder_mask")
+    for name in ("upstream", "replaced"):
+        if name == "replaced":
+            gemma3_model.get_placeholder_mask = replacement
+        with torch.no_grad(), aten_cost.AtenCost() as cost:
+            port(**batch, **_port_inputs())
+        syncs[name] = [f"{op}@{site}" for _, op, site in cost.events]
+    grab.remove()
+    with torch.no_grad():
+        text_embeddings = gemma3_model.get_input_embeddings()(batch["input_ids"])
+    return {"identical": torch.equal(captured[0], captured[1]), "syncs": syncs,
+            "positions_with_image_features": int((captured[1] != text_embeddings).any(-1).sum()),
+            "image_tokens": int((batch["input_ids"] == gemma3_model.config.image_token_id).sum())}
+
+
+def _fused_sdpa_mask_dtype_error():
+    from habana_frameworks.torch.hpex.kernels import FusedSDPA
+
+    q = torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16)
+    try:
+        FusedSDPA.apply(q, q, q, torch.zeros(1, 1, 3, 3), 0.0, False, None)
+    except RuntimeError as e:
+        return str(e)
+    return None
 
 
 def scenario(work):
@@ -399,9 +598,38 @@ def scenario(work):
     except Exception as e:  # noqa: BLE001 - the type is the result
         res["fast_softmax_recompute_error"] = f"{type(e).__name__}: {e}"
 
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res["bf16"] = {"eager": run(case["images_bf16"]), "fused": run(case["images_bf16"], use_flash_attention=True)}
+    res["bf16_rounding"] = case["bf16_rounding"]
+    res["placeholder"] = _placeholder_replacement(port, images)
+    res["fused_sdpa_mask_dtype_error"] = _fused_sdpa_mask_dtype_error()
+
+    port.eval()
+    generation = case["generation"]
+    options = run_lora_vlm.hpu_generation_options(
+        SimpleNamespace(use_habana=True, use_lazy_mode=True, use_hpu_graphs_for_inference=False))
+
+    def generate(model=port, **flags):
+        habana_frameworks.reset()
+        with torch.no_grad():
+            output = model.generate(**generation["prompts"], **_greedy(config), **options, **flags)
+        got, expected = _generated(output, generation["prompts"]), generation["expected"]
+        same_steps = got["scores"].shape == expected["scores"].shape
+        return {"tokens": got["tokens"], "expected_tokens": expected["tokens"], "tail": got["tail"],
+                "max_score_diff": (got["scores"] - expected["scores"]).abs().max().item() if same_steps else None,
+                "fused_calls": [c[2] for c in habana_frameworks.calls("hpex.kernels.FusedSDPA.apply")]}
+
+    res["generation"] = {"options": options, "eager": generate(), "fused": generate(use_flash_attention=True)}
+
     hook.remove()
+    port.train()
     res["port_own_masks"] = run(images)
     res["port_own_masks_text_only"] = run(text_only)
+    port.eval()
+    res["generation"]["port_own_masks"] = generate()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        port.train()
+        res["bf16"]["port_own_masks"] = run(case["images_bf16"])
     with torch.no_grad():
         res["kernel"] = _fused_sdpa_against_torch()
     return res

@@ -8,7 +8,6 @@ costs more than every case together. Each case sets PT_HPU_LAZY_MODE as its own 
 used unchanged and offline.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -19,10 +18,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import SEED_EIGHT_CARDS, SEED_MODEL_FLAGS, SEED_SINGLE_CARD
+from conftest import SEED_EIGHT_CARDS, SEED_MODEL_FLAGS, SEED_SINGLE_CARD, habana_double_env
 
-HERE = Path(__file__).resolve().parent
-DOUBLE = HERE / "habana_double"
 # What we believe Habana/gpt2's gaudi_config.json holds (the Hub is unreachable here).
 HABANA_GPT2_CONFIG = {"use_fused_adam": True, "use_fused_clip_norm": True, "use_torch_autocast": True}
 
@@ -83,13 +80,7 @@ def results(assets, tmp_path_factory):
              for name, (kind, argv, lazy_env) in CASES.items()]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PT_HPU_", "OMPI_", "PMI_")) and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    paths = [str(DOUBLE)]
-    if importlib.util.find_spec("torchvision") is None:
-        paths.append(str(DOUBLE / "torchvision_stub"))  # optimum-habana's GLM-4V port imports it
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
-    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env["PATH"]])  # its `pip list` check
-    env.update(HF_HOME=str(fake_hub_cache(tmp_path / "hf")), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = habana_double_env(hf_home=fake_hub_cache(tmp_path / "hf"))
     out = tmp_path / "results.json"
     result = subprocess.run([sys.executable, __file__, str(tmp_path / "cases.json"), str(out)], env=env,
                             cwd=str(tmp_path), capture_output=True, text=True, timeout=600)

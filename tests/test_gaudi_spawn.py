@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -230,17 +231,78 @@ def test_dry_run_mpi_hostfile(monkeypatch, capsys, script, hostfile):
     ])
 
 
-def test_dry_run_deepspeed_hostfile(monkeypatch, capsys, script, hostfile):
+@pytest.fixture
+def deepspeed_dirs(tmp_path, monkeypatch):
+    """(home, working directory) for DeepSpeed's environment files; this launcher's temporary folder under tmp_path."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    return home, work
+
+
+def ds_env_file(out):
+    """The DS_ENV_FILE a printed deepspeed command sets, and the command after it."""
+    assignment, _, command = out.partition(" ")
+    name, _, path = assignment.partition("=")
+    assert name == "DS_ENV_FILE", out
+    return Path(path), command
+
+
+def test_dry_run_deepspeed_hostfile(monkeypatch, capsys, script, hostfile, deepspeed_dirs, tmp_path):
     argv = ["--world_size", "16", "--use_deepspeed", "--hostfile", hostfile, "--dry_run"]
-    rc, out, _ = dry_run(monkeypatch, capsys, [*argv, script, "--deepspeed", "ds.json"])
+    rc, out, err = dry_run(monkeypatch, capsys, [*argv, script, "--deepspeed", "ds.json"])
     assert rc == 0
-    assert out == shlex.join([
+    env_file, command = ds_env_file(out)
+    assert command == shlex.join([
         "deepspeed", "--num_nodes", "2", "--num_gpus", "8", "--no_local_rank", "--master_addr", "node1",
         "--master_port", "29500", "--hostfile", hostfile, script, "--deepspeed", "ds.json",
     ])
+    # Remote ranks get what mpirun -x would forward, PT_HPU_LAZY_MODE first of all, from the file the dry run names.
+    assert env_file.parent == tmp_path / "tmp" / f"gaudi_spawn-{os.getuid()}"
+    assert env_file.read_text().splitlines() == [
+        "GLOO_SOCKET_IFNAME=eth1", "HABANA_VISIBLE_MODULES=0,1,2,3,4,5,6,7", "HCCL_SOCKET_IFNAME=eth1",
+        "HF_HOME=/data/hf", "PT_HPU_LAZY_MODE=1", "TOKENIZERS_PARALLELISM=false", "TRANSFORMERS_VERBOSITY=info",
+    ]
+    assert f"remote ranks get the variables in {env_file} (DS_ENV_FILE)" in err
     # An explicit --master_addr wins over the hostfile's first host.
     rc, out, _ = dry_run(monkeypatch, capsys, ["--master_addr", "10.1.2.3", *argv, script])
     assert rc == 0 and "--master_addr 10.1.2.3 " in out and "node1" not in out
+
+
+def test_deepspeed_env_file_keeps_the_users_lines_first(monkeypatch, capsys, script, hostfile, deepspeed_dirs):
+    home, work = deepspeed_dirs
+    (home / ".deepspeed_env").write_text("HF_HOME=/mine\nNCCL_DEBUG=INFO\n")
+    (work / ".deepspeed_env").write_text("PT_HPU_LAZY_MODE=0\nMY_FLAG=a=b\n")
+    environ = {**PINNED_ENV, "HOME": str(home), "HF_TOKEN_PATH": "/path with space"}
+    argv = ["--world_size", "16", "--use_deepspeed", "--hostfile", hostfile, "--dry_run", script]
+    rc, out, _ = dry_run(monkeypatch, capsys, argv, environ=environ)
+    assert rc == 0
+    # DeepSpeed reads ~ then . (later lines win): kept verbatim, in that order; then what they leave unset, quoted
+    # for the shell of the pdsh runner.
+    assert ds_env_file(out)[0].read_text().splitlines() == [
+        "HF_HOME=/mine", "NCCL_DEBUG=INFO", "PT_HPU_LAZY_MODE=0", "MY_FLAG=a=b",
+        "GLOO_SOCKET_IFNAME=eth1", "HABANA_VISIBLE_MODULES=0,1,2,3,4,5,6,7", "HCCL_SOCKET_IFNAME=eth1",
+        "HF_TOKEN_PATH='/path with space'", "TOKENIZERS_PARALLELISM=false", "TRANSFORMERS_VERBOSITY=info",
+    ]
+    # The user's own files are left as they were.
+    assert (home / ".deepspeed_env").read_text() == "HF_HOME=/mine\nNCCL_DEBUG=INFO\n"
+    assert (work / ".deepspeed_env").read_text() == "PT_HPU_LAZY_MODE=0\nMY_FLAG=a=b\n"
+    # DS_ENV_FILE names the user's file instead: that one is read, as DeepSpeed would.
+    (work / "my_env").write_text("A=1\n")
+    rc, out, _ = dry_run(monkeypatch, capsys, argv, environ={**environ, "DS_ENV_FILE": str(work / "my_env")})
+    assert rc == 0 and ds_env_file(out)[0].read_text().splitlines()[:2] == ["A=1", "GLOO_SOCKET_IFNAME=eth1"]
+
+
+def test_deepspeed_on_one_host_needs_no_env_file(monkeypatch, capsys, script, deepspeed_dirs, tmp_path):
+    one_host = tmp_path / "one_host"
+    one_host.write_text("node1 slots=8\n")
+    argv = ["--world_size", "8", "--use_deepspeed", "--hostfile", str(one_host), "--dry_run", script]
+    rc, out, _ = dry_run(monkeypatch, capsys, argv)
+    assert rc == 0 and out.startswith("deepspeed --num_nodes 1 --num_gpus 8 ")
+    assert not list((tmp_path / "tmp").iterdir())
 
 
 def test_dry_run_deepspeed_single_node(monkeypatch, capsys, script):
@@ -435,9 +497,12 @@ def cmdline(pid):
         pytest.param("mpirun", signal.SIGTERM, marks=needs_mpirun),
         pytest.param("mpirun", signal.SIGINT, marks=needs_mpirun),
         pytest.param("torchrun", signal.SIGTERM, marks=needs_torch),
+        pytest.param("torchrun", signal.SIGINT, marks=needs_torch),
     ],
 )
 def test_signal_to_launcher_stops_every_rank(tmp_path, backend, signum):
+    """rank_probe.py does not handle the stop request (SIGUSR1), so it dies of it: the launcher still ends every rank
+    and reports the signal it got (the training script's own handling: tests/test_launcher_signals.py)."""
     backend_flags = ["--use_mpi"] if backend == "mpirun" else ["--master_port", str(free_port())]
     launcher = subprocess.Popen(
         [PY, str(SPAWN), "--world_size", "2", *backend_flags, str(PROBE), "--out", str(tmp_path), "--sleep", "60"],
@@ -455,19 +520,19 @@ def test_signal_to_launcher_stops_every_rank(tmp_path, backend, signum):
             time.sleep(0.05)
         rank_pids = [int(p.read_text()) for p in pid_files]
         assert all(pid_alive(pid) for pid in rank_pids)
-        # The launcher's process now is the back-end itself (exec), so the signal reaches it directly.
-        launcher_argv = cmdline(launcher.pid)
-        assert str(SPAWN) not in launcher_argv
-        if backend == "torchrun":
-            assert launcher_argv[1:3] == ["-m", "torch.distributed.run"]
-        else:
-            assert Path(launcher_argv[0]).name in ("mpirun", "mpiexec", "prterun")
+        # The launcher stays the parent of the back-end, which runs in a session of its own.
+        assert str(SPAWN) in cmdline(launcher.pid)
+        backends = {parent_pid(pid) for pid in rank_pids}
+        assert len(backends) == 1 and parent_pid(backends.pop()) == launcher.pid
+        assert os.getsid(rank_pids[0]) != os.getsid(launcher.pid)
+        assert gaudi_spawn.rank_processes(launcher.pid, str(PROBE)) == sorted(rank_pids)
 
         start = time.monotonic()
         launcher.send_signal(signum)
-        launcher.communicate(timeout=20)
+        _, err = launcher.communicate(timeout=20)
         assert time.monotonic() - start < 20
-        assert launcher.returncode != 0
+        assert launcher.returncode == 128 + signum, err
+        assert f"[gaudi_spawn] stopped on {signum.name}: exit code {128 + signum}" in err
         deadline = time.monotonic() + 5
         while any(pid_alive(pid) for pid in rank_pids) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -477,3 +542,75 @@ def test_signal_to_launcher_stops_every_rank(tmp_path, backend, signum):
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+
+
+def parent_pid(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["python", "-u", "train.py", "--x"], True),
+        (["/usr/bin/python3", "train.py"], True),
+        (["python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py"], False),
+        (["python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30=", "train.py"], False),
+        (["mpirun", "-n", "2", "python", "-u", "train.py"], False),
+        (["python", "-c", "code", "train.py"], False),
+        (["python", "other.py", "train.py"], False),
+        (["train.py"], False),
+    ],
+)
+def test_runs_script(argv, expected):
+    assert gaudi_spawn.runs_script(argv, "train.py") is expected
+
+
+def test_the_stop_request_reaches_the_ranks_not_their_launchers_nor_their_forks(tmp_path):
+    """A process tree as deepspeed's on one node builds it: runner, then a launcher that names the script among its
+    own arguments, then the ranks, each with a forked data loader worker (same command line). Only the ranks handle
+    SIGUSR1; any other process it reached would die of it."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "rank, out = sys.argv[1], sys.argv[2]\n"
+        "worker = os.fork()\n"
+        "if worker == 0:\n"
+        "    time.sleep(60); os._exit(0)\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: open(os.path.join(out, 'stop' + rank), 'w').close())\n"
+        "open(os.path.join(out, 'rank' + rank), 'w').write(f'{os.getpid()} {worker}')\n"
+        "time.sleep(60)\n"
+    )
+    launcher_code = (
+        "import subprocess, sys, time\n"
+        "for rank in range(2): subprocess.Popen([sys.executable, '-u', sys.argv[1], str(rank), sys.argv[2]])\n"
+        "time.sleep(60)\n"
+    )
+    backend_code = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2], sys.argv[3]])\n"
+        "time.sleep(60)\n"
+    )
+    backend = subprocess.Popen([PY, "-c", backend_code, launcher_code, str(script), str(tmp_path)],
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / f"rank{r}").exists() and (tmp_path / f"rank{r}").read_text() for r in range(2)):
+            assert time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.05)
+        ranks, workers = zip(*(map(int, (tmp_path / f"rank{r}").read_text().split()) for r in range(2)))
+        assert gaudi_spawn.rank_processes(backend.pid, str(script)) == sorted(ranks)
+        assert gaudi_spawn.rank_processes(backend.pid, str(tmp_path / "other.py")) == []
+
+        assert gaudi_spawn.request_stop("deepspeed", backend, str(script))
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / f"stop{r}").exists() for r in range(2)):
+            assert time.monotonic() < deadline, "the ranks got no stop request"
+            time.sleep(0.05)
+        launcher = parent_pid(ranks[0])
+        assert launcher != backend.pid and parent_pid(launcher) == backend.pid
+        time.sleep(0.5)  # would a stray SIGUSR1 have killed one of them, it would be gone by now
+        assert all(pid_alive(pid) for pid in (backend.pid, launcher, *ranks, *workers))
+    finally:
+        os.killpg(backend.pid, signal.SIGKILL)
+        backend.wait()

@@ -4,10 +4,24 @@
 import pytest
 import torch
 
+import run_lora_vlm as rlv
 from conftest import run_training, train_argv
 
 
-def run(assets, output_dir, batch_size, accumulation):
+def lora_weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def run(assets, output_dir, batch_size, accumulation, monkeypatch):
+    """(LoRA weights before training, after it, logged losses) of a 2-step run."""
+    initial = {}
+    build_trainer = rlv.build_trainer
+
+    def noting_initial_weights(model, *args, **kwargs):
+        initial.update(lora_weights(model))  # the adapter as `main` hands it to the trainer, untrained
+        return build_trainer(model, *args, **kwargs)
+
+    monkeypatch.setattr(rlv, "build_trainer", noting_initial_weights)
     trainer = run_training(train_argv(
         assets, output_dir, "--do_train", "--max_train_samples", "8", "--max_steps", "2",
         "--per_device_train_batch_size", str(batch_size), "--gradient_accumulation_steps", str(accumulation),
@@ -15,20 +29,25 @@ def run(assets, output_dir, batch_size, accumulation):
         "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--lora_dropout", "0",
         "--max_grad_norm", "0",
     ))
-    lora = {k: v.detach().clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return lora, losses
+    return initial, lora_weights(trainer.model), losses
 
 
-def test_accumulating_four_batches_of_one_equals_one_batch_of_four(assets, tmp_path):
-    lora_a, losses_a = run(assets, tmp_path / "batch4", batch_size=4, accumulation=1)
-    lora_b, losses_b = run(assets, tmp_path / "accumulate4", batch_size=1, accumulation=4)
+def test_accumulating_four_batches_of_one_equals_one_batch_of_four(assets, tmp_path, monkeypatch):
+    initial, lora_a, losses_a = run(assets, tmp_path / "batch4", batch_size=4, accumulation=1, monkeypatch=monkeypatch)
+    initial_b, lora_b, losses_b = run(assets, tmp_path / "accumulate4", batch_size=1, accumulation=4,
+                                      monkeypatch=monkeypatch)
     # The tiny charts' answers range from one token ("3") to several ("orange", "Yes"), so a per-batch mean
     # (the usual bug) would weigh them differently and fail this.
     assert losses_a == pytest.approx(losses_b, rel=1e-4)
-    assert lora_a.keys() == lora_b.keys()
-    moved = 0
-    for name in lora_a:
+    assert initial.keys() == initial_b.keys() == lora_a.keys() == lora_b.keys()
+    assert {name.split(".lora_")[1][0] for name in initial} == {"A", "B"}
+    for name in initial:
+        assert torch.equal(initial[name], initial_b[name]), name  # the same seeded start
         assert torch.allclose(lora_a[name], lora_b[name], atol=1e-5, rtol=1e-4), name
-        moved += int(lora_a[name].abs().sum() > 0)
-    assert moved == len(lora_a)  # after two steps both lora_A and lora_B have moved
+    # After two steps both lora_A (random at the start) and lora_B (zero at the start) have moved; lora_A gets a
+    # gradient only once lora_B is non-zero, i.e. in the second step.
+    moved = {name for name in initial if not torch.allclose(lora_a[name], initial[name], rtol=0, atol=1e-6)}
+    assert moved == set(initial)
+    assert {name for name in initial if "lora_B" in name and initial[name].abs().sum() == 0} == {
+        name for name in initial if "lora_B" in name}

@@ -238,7 +238,13 @@ def test_exact_match_agrees_with_vlmevalkit_accuracy_on_random_cases():
     [
         ("12", "12.5", True),  # |12 - 12.5| / 12.5 = 0.04
         ("12", "13", False),  # 1 / 13 = 0.077
-        ("105", "100", True),  # exactly 0.05: the bound is inclusive
+        # The bound, inclusive, with exactly representable numbers: 5 / 100 rounds to the double nearest 0.05, the
+        # same one the literal 0.05 is; 105.0625 and 94.9375 are 5.0625 (0.050625, inside 0.051) away.
+        ("105", "100", True),
+        ("95", "100", True),
+        ("105.0625", "100", False),
+        ("94.9375", "100", False),
+        ("-105", "-100", True),
         ("106", "100", False),
         ("-5.2", "-5", True),  # 0.2 / 5 = 0.04
         ("5", "-5", False),
@@ -344,7 +350,14 @@ def test_parse_number_non_numbers(text):
         ("27%", "0.27", False),  # 27 against 0.27
         ("12", "12.5", True),
         ("12", "13", False),
+        # The bound, inclusive: 0.05 * 100 is 5.0 exactly once rounded (0.05 is stored 2.8e-18 too large, far
+        # below the 8.9e-16 spacing of doubles at 5), so 105 is in; 105.0625 (exact) is 5.0625 away, outside 5 but
+        # inside 0.051 * 100.
         ("105", "100", True),
+        ("95", "100", True),
+        ("105.0625", "100", False),
+        ("94.9375", "100", False),
+        ("-105", "-100", True),
         ("106", "100", False),
         ("0", "0", True),
         ("0.0", "0", True),  # numbers compare as numbers, also for a gold of 0

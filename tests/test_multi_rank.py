@@ -44,8 +44,10 @@ def test_two_mpi_ranks_share_each_epoch_exactly_once_and_agree(assets, tmp_path)
 
 
 def test_two_ranks_of_batch_one_train_like_one_rank_of_batch_two(assets, tmp_path):
+    # At a rate of 0.5 the tiny model's 3 steps amplify rounding: the order of float sums alone (the thread count)
+    # moves its LoRA weights by ~5e-3. At 0.05 it moves them by ~3e-6, while lora_B grows to ~0.2.
     flags = ("--do_train", "--max_train_samples", "8", "--max_steps", "3", "--lora_dropout", "0",
-             "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--max_grad_norm", "0")
+             "--optim", "sgd", "--learning_rate", "0.05", "--lr_scheduler_type", "constant", "--max_grad_norm", "0")
     two, _ = spawn(assets, tmp_path / "two", tmp_path / "record_two", 2, *flags, "--per_device_train_batch_size", "1")
     # The single rank in this process, recorded as record_rows_main.py records each rank.
     one = run_training(train_argv(assets, tmp_path / "one", *flags, "--per_device_train_batch_size", "2"))
@@ -97,6 +99,7 @@ def test_a_preempted_job_ends_only_once_rank_0_has_written_the_checkpoint(assets
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 143, result.stdout[-3000:] + result.stderr[-3000:]
     assert json.loads((output_dir / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
-    times = {name: float((output_dir / name).read_text()) for name in ("rank0-finished", "rank1-finished", "rank1-exit")}
-    assert times["rank1-finished"] < times["rank0-finished"] - 2  # rank 0 really was the slow one
-    assert times["rank1-exit"] >= times["rank0-finished"], times
+    # Each marker lists the markers written before it (tests/interrupted_main.py): an order, not clock readings.
+    seen = {path.name: path.read_text().split() for path in output_dir.glob("rank*-*")}
+    assert seen.get("rank0-finished") == ["rank1-finished"], seen  # rank 0 was the last to finish training
+    assert "rank0-finished" in seen.get("rank1-exit", []), seen  # and rank 1 left only after that

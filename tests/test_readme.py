@@ -4,6 +4,7 @@ repository's own files are made absolute, since the tests run in a temporary fol
 
 import contextlib
 import io
+import json
 import re
 import runpy
 import subprocess
@@ -28,15 +29,40 @@ def test_set_up_and_test_commands_are_the_ones_ci_runs():
 
 
 def test_the_cpu_example_runs_as_written_and_prints_no_warning(tmp_path):
-    command = next(line for line in readme_section("Try it on a CPU in about a minute, offline").splitlines()
-                   if line.startswith("python tests/tiny_assets.py"))
+    section = "Try it on a CPU in about a minute, offline"
+    command = next(line for line in readme_section(section).splitlines() if line.startswith("python tests/tiny_assets.py"))
     for script in ("tests/tiny_assets.py", "run_lora_vlm.py"):
         command = command.replace(f"python {script}", f"{sys.executable} {REPO_ROOT / script}")
-    result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    output = result.stdout + result.stderr
+    # Bytes, decoded without universal newlines: a progress bar redraws itself with "\r", not with new lines.
+    result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, timeout=600)
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    output = stdout + stderr
     assert result.returncode == 0, output[-3000:]
     assert not re.search(r"warn", output, re.IGNORECASE), [line for line in output.splitlines() if "warn" in line.lower()]
     assert (tmp_path / "out" / "tiny" / "adapter_model.safetensors").is_file()
+    # Quiet: the script's own lines, progress and losses, then a summary naming the outputs and the main metrics.
+    lines = stderr.split("\n")[:-1]
+    training = stdout.split("\n", 3)[3] + stderr  # without the three paths tiny_assets.py prints
+    assert training.count("\n") <= 30, training
+    summary = lines[lines.index(next(line for line in lines if line.endswith("Done. Outputs:"))) + 1:]
+    results = json.loads((tmp_path / "out" / "tiny" / "all_results.json").read_text())
+    assert summary == [
+        "  adapter      out/tiny/adapter_model.safetensors",
+        "  metrics      out/tiny/all_results.json",
+        f"  train_loss {results['train_loss']:.4f}, eval_loss {results['eval_loss']:.4f}, "
+        f"eval_perplexity {results['eval_perplexity']:.4f}",
+    ]
+    # The figures the README shows are this run's (to the second decimal: BLAS may round differently elsewhere).
+    shown = re.search(r"train_loss ([\d.]+), eval_loss ([\d.]+)", readme_section(section)).groups()
+    assert [round(float(value), 2) for value in shown] == [round(results["train_loss"], 2),
+                                                           round(results["eval_loss"], 2)]
+    # The one-question example, on the chart tiny_assets.py wrote: the answer alone on standard output.
+    question = next(line for line in readme_section(section).splitlines() if "--predict_image" in line)
+    question = question.replace("python run_lora_vlm.py", f"{sys.executable} {REPO_ROOT / 'run_lora_vlm.py'}")
+    answered = subprocess.run(question, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert answered.returncode == 0, answered.stderr[-3000:]
+    assert len(answered.stdout.splitlines()) == 1 and answered.stdout.strip()
+    assert "with the adapter in out/tiny" in answered.stderr
 
 
 def test_the_use_the_result_snippet_answers_with_the_trained_answer_and_one_bos(assets, tmp_path, monkeypatch):

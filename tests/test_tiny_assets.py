@@ -17,6 +17,7 @@ Run offline: ``HF_HUB_OFFLINE=1 python -m pytest -q tests/test_tiny_assets.py`` 
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,8 +49,8 @@ def cli_assets(tmp_path_factory):
     """Assets written to disk once, through the command-line entry point (small splits)."""
     out = tmp_path_factory.mktemp("tiny")
     printed = run_builder_cli(tiny_assets.main, "--output_dir", str(out), "--n_train", "8", "--n_val", "4", "--n_test", "4")
-    assert printed == [str(out / "gemma3"), str(out / "chartqa")]
-    return {"model": printed[0], "dataset": printed[1]}
+    assert printed == [str(out / "gemma3"), str(out / "chartqa"), str(out / "chart.png")]
+    return {"model": printed[0], "dataset": printed[1], "image": printed[2]}
 
 
 # --- tokenizer -----------------------------------------------------------------------------------
@@ -188,6 +189,24 @@ def test_model_shape(built_model, tokenizer):
     assert model.generation_config.pad_token_id == 0
 
 
+def test_the_projector_the_library_zeroes_is_drawn_from_the_seed(tokenizer, built_model):
+    """transformers leaves Gemma 3's multimodal projector all zero (its only such weight matrix), which would make the
+    model blind; the builder draws it as the library draws the other weights, normal(0, 0.02), from the seed."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    as_initialised = Gemma3ForConditionalGeneration(tiny_assets.build_config(tokenizer))
+    assert not as_initialised.model.multi_modal_projector.mm_input_projection_weight.any()
+    redrawn = tiny_assets.redraw_zeroed_weights(as_initialised)
+    assert redrawn == ["model.multi_modal_projector.mm_input_projection_weight"]
+    projector = built_model.model.multi_modal_projector.mm_input_projection_weight
+    assert abs(projector.mean().item()) < 0.002 and abs(projector.std().item() - 0.02) < 0.002
+    assert not [name for name, p in built_model.named_parameters() if p.dim() >= 2 and not p.any()]
+    again, other = (tiny_assets.build_model(tokenizer, seed=seed).model.multi_modal_projector for seed in (0, 1))
+    assert torch.equal(again.mm_input_projection_weight, projector)
+    assert not torch.equal(other.mm_input_projection_weight, projector)
+
+
 def test_forward_loss_and_generate(built_model, built_processor):
     """A padded batch from the processor trains (finite loss, gradients) and generates."""
     model, processor = built_model, built_processor
@@ -270,6 +289,10 @@ def test_assets_reload(cli_assets):
     assert isinstance(data["train"].features["image"], datasets.Image)
     row = data["val"][0]
     assert row["image"].mode == "RGB" and isinstance(row["label"], list) and row["human_or_machine"] in (0, 1)
+    from PIL import Image
+
+    with Image.open(assets["image"]) as chart:  # the first test chart, for the README's one-question example
+        assert np.array_equal(np.asarray(chart.convert("RGB")), np.asarray(data["test"][0]["image"]))
 
     batch = processor(
         text=[processor.apply_chat_template(chart_messages(row), tokenize=False)],

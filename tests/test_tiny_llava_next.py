@@ -20,9 +20,10 @@ import os
 import pytest
 import torch
 
+import run_lora_vlm
 import tiny_assets
 import tiny_llava_next
-from conftest import run_builder_cli
+from conftest import IGNORE_INDEX, make_collator, run_builder_cli, script_args
 
 QUESTION = "How many bars are there?"
 IMAGE_PROMPT = f"[INST] <image>\n{QUESTION} [/INST]"
@@ -222,6 +223,34 @@ def test_chart_sizes(chart_rows):
     assert all(row["image"].size == tiny_assets.CHART_SIZE == (96, 64) for row in chart_rows)
 
 
+# Labels.
+
+
+def test_single_turn_mask_written_by_hand(cli_assets):
+    """The script's collator (with the processor it loads) trains " 3</s>": the "▁" of the space the template writes
+    before the answer, the answer and </s>; not the prompt, the image tokens, nor the two "▁" after </s> (one the
+    tokenizer puts in front of text that follows a special token, one for the template's trailing space)."""
+    from PIL import Image
+
+    processor = run_lora_vlm.load_processor(run_lora_vlm.ModelArguments(model_name_or_path=cli_assets["model"]))[2]
+    collator = make_collator(processor, script_args().data, ["image", "question", "answer"], family="llava_next")
+    chart = Image.new("RGB", tiny_assets.CHART_SIZE, (255, 0, 0))  # 96x64: 70 image tokens
+    row = {"image": chart, "question": "How many bars?", "answer": "3"}
+    batch = collator([{"row": row, "split": "train", "row_index": 0}])
+    expected_tokens = (
+        ["<s>", "▁[INST]", "▁"] + ["<image>"] * 70
+        + ["▁", "<0x0A>", "H", "ow", "▁many", "▁bars", "?", "▁[/INST]", "▁", "3", "</s>", "▁", "▁"]
+    )
+    expected_trained = [None] * (len(expected_tokens) - 5) + ["▁", "3", "</s>", None, None]
+    tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    assert tokens == expected_tokens
+    assert [None if label == IGNORE_INDEX else token for token, label in zip(tokens, batch["labels"][0].tolist())] == (
+        expected_trained
+    )
+    assert batch["attention_mask"].tolist() == [[1] * len(expected_tokens)]
+    assert batch["image_sizes"].tolist() == [[64, 96]]
+
+
 # Model.
 
 
@@ -292,6 +321,16 @@ def test_deterministic_for_a_seed(tokenizer, built_model):
     again = tiny_llava_next.build_model(tokenizer, seed=0)
     for (name, a), (_, b) in zip(built_model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_the_library_leaves_no_weight_matrix_at_zero(tokenizer, built_model):
+    """Unlike Gemma 3's, the projector comes out of transformers' own initialisation random: nothing to redraw."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    as_initialised = LlavaNextForConditionalGeneration(tiny_llava_next.build_config(tokenizer))
+    assert tiny_assets.redraw_zeroed_weights(as_initialised) == []
+    weight = built_model.model.multi_modal_projector.linear_2.weight
+    assert abs(weight.mean().item()) < 0.002 and abs(weight.std().item() - 0.02) < 0.002
 
 
 # Saved assets.

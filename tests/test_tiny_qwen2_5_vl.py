@@ -26,7 +26,7 @@ import torch
 import run_lora_vlm
 import tiny_assets
 import tiny_qwen2_5_vl as tiny_qwen
-from conftest import run_builder_cli
+from conftest import IGNORE_INDEX, make_collator, run_builder_cli, script_args
 from tiny_assets import chart_messages
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -204,6 +204,34 @@ def test_tokenized_chat_template_matches_manual_processing(loaded_processor, cha
     assert torch.allclose(via_template["pixel_values"], manual["pixel_values"])
 
 
+# --- labels --------------------------------------------------------------------------------------
+
+
+def test_single_turn_mask_written_by_hand(loaded_processor):
+    """The script's collator trains the answer and <|im_end|>: not the template's default system turn, the prompt, the
+    image tokens, nor the newline the template writes after <|im_end|>."""
+    from PIL import Image
+
+    collator = make_collator(loaded_processor, script_args().data, ["image", "question", "answer"], family="qwen2_5_vl")
+    chart = Image.new("RGB", tiny_assets.CHART_SIZE, (255, 0, 0))  # 96x64: 6 image tokens
+    row = {"image": chart, "question": "How many bars?", "answer": "3"}
+    batch = collator([{"row": row, "split": "train", "row_index": 0}])
+    expected_tokens = (
+        ["<|im_start|>", "system", "Ċ", "You", "Ġare", "Ġa", "Ġhelpful", "Ġassistant", ".", "<|im_end|>", "Ċ"]
+        + ["<|im_start|>", "user", "Ċ", "<|vision_start|>"] + ["<|image_pad|>"] * 6 + ["<|vision_end|>"]
+        + ["How", "Ġmany", "Ġbars", "?", "<|im_end|>", "Ċ"]
+        + ["<|im_start|>", "assistant", "Ċ", "3", "<|im_end|>", "Ċ"]
+    )
+    expected_trained = [None] * (len(expected_tokens) - 3) + ["3", "<|im_end|>", None]
+    tokens = loaded_processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    assert tokens == expected_tokens
+    assert [None if label == IGNORE_INDEX else token for token, label in zip(tokens, batch["labels"][0].tolist())] == (
+        expected_trained
+    )
+    assert batch["attention_mask"].tolist() == [[1] * len(expected_tokens)]
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 6]]
+
+
 # --- model ---------------------------------------------------------------------------------------
 
 
@@ -229,6 +257,16 @@ def test_config_is_wired_to_the_tokenizer_and_image_processor(tokenizer, loaded_
     assert generation.eos_token_id == [ids["<|im_end|>"], ids["<|endoftext|>"]]
     assert generation.pad_token_id == ids["<|endoftext|>"]
     assert sum(p.numel() for p in built_model.parameters()) < 500_000
+
+
+def test_the_library_leaves_no_weight_matrix_at_zero(tokenizer, built_model):
+    """Unlike Gemma 3's, the projector (the patch merger) comes out of transformers' own initialisation random."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    as_initialised = Qwen2_5_VLForConditionalGeneration(tiny_qwen.build_config(tokenizer))
+    assert tiny_assets.redraw_zeroed_weights(as_initialised) == []
+    weight = built_model.model.visual.merger.mlp[2].weight
+    assert abs(weight.mean().item()) < 0.002 and abs(weight.std().item() - 0.02) < 0.002
 
 
 def test_forward_gives_finite_loss_and_images_reach_it(loaded_processor, built_model, chart_rows):

@@ -22,14 +22,14 @@ CPU:
 * ``build_processor(tokenizer)``: a ``Gemma3Processor`` for 32x32 images that become 4
   ``<image_soft_token>`` each.
 * ``build_model(tokenizer)``: a randomly initialised ``Gemma3ForConditionalGeneration`` of about a
-  quarter million parameters.
+  quarter million parameters, whose multimodal projector is random too (the library zeroes it), so that it sees.
 * ``make_chart_rows(n, seed)``: bar charts drawn with PIL, with questions whose answers can be read
   off the image, in ChartQA's schema; ``chart_messages(row)`` puts one in the chat format.
 * ``write_assets(output_dir)``: saves all of it so that ``AutoProcessor``,
   ``AutoModelForImageTextToText`` and ``datasets.load_from_disk`` load it.
 
 Shared by the three families' builders: ``training_corpus``, ``train_bpe``, ``greedy_generation_config``,
-``random_model``, ``save_model_and_processor`` and ``run_builder_cli``.
+``random_model`` (with ``redraw_zeroed_weights``), ``save_model_and_processor`` and ``run_builder_cli``.
 
 Command line::
 
@@ -346,7 +346,8 @@ def greedy_generation_config(**token_ids):
 
 
 def random_model(model_class, config, generation_config, seed=0):
-    """A randomly initialised ``model_class(config)`` (float32, eval mode), the same for the same seed.
+    """A randomly initialised ``model_class(config)`` (float32, eval mode), the same for the same seed, whose
+    images reach its logits (``redraw_zeroed_weights``).
 
     Shared by this module and the other families' tiny builders (tiny_qwen2_5_vl, tiny_llava_next).
     """
@@ -354,8 +355,32 @@ def random_model(model_class, config, generation_config, seed=0):
 
     torch.manual_seed(seed)
     model = model_class(config)
+    redraw_zeroed_weights(model)
     model.generation_config = generation_config
     return model.eval()
+
+
+def redraw_zeroed_weights(model):
+    """Draw random values for every weight matrix that the library's initialisation leaves all zero; returns their
+    names.
+
+    transformers creates Gemma 3's multimodal projector as zeros and its ``_init_weights`` zeroes it again
+    (4.55.4 models/gemma3/modeling_gemma3.py:688-690 and :436-438). A pretrained checkpoint overwrites it; a random
+    model keeps it, so every image token's embedding is zero whatever the pixels, and the model ignores its images.
+    Such a matrix is redrawn as the library draws the model's other weight matrices, normal(0, initializer_range)
+    (modeling_utils.py:2934-2941), from torch's seeded generator. Zero biases and the norms' constant weights stay:
+    they do not cut the image off. Qwen2.5-VL's and LLaVA-NeXT's projectors are random already.
+    """
+    import torch
+
+    std = model.config.get_text_config().initializer_range
+    redrawn = []
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() >= 2 and not parameter.any():
+                parameter.normal_(mean=0.0, std=std)
+                redrawn.append(name)
+    return redrawn
 
 
 def save_model_and_processor(model, processor, model_dir):
@@ -449,11 +474,11 @@ def chart_messages(row, system=None, with_answer=True):
     return messages
 
 
-def build_chartqa(n_train=64, n_val=16, n_test=16, seed=0):
-    """Return a ``datasets.DatasetDict`` with ChartQA's splits (train/val/test) and features."""
+def chartqa_features():
+    """ChartQA's ``datasets.Features``: the columns of ``make_chart_rows``' rows."""
     import datasets
 
-    features = datasets.Features(
+    return datasets.Features(
         {
             "image": datasets.Image(),
             "query": datasets.Value("string"),
@@ -461,6 +486,13 @@ def build_chartqa(n_train=64, n_val=16, n_test=16, seed=0):
             "human_or_machine": datasets.ClassLabel(names=["human", "machine"]),
         }
     )
+
+
+def build_chartqa(n_train=64, n_val=16, n_test=16, seed=0):
+    """Return a ``datasets.DatasetDict`` with ChartQA's splits (train/val/test) and features."""
+    import datasets
+
+    features = chartqa_features()
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     # A different seed per split, so the splits are different charts.
     return datasets.DatasetDict(
@@ -472,19 +504,31 @@ def build_chartqa(n_train=64, n_val=16, n_test=16, seed=0):
 
 
 def write_assets(output_dir, n_train=64, n_val=16, n_test=16, seed=0):
-    """Write ``output_dir/gemma3`` (model + processor) and ``output_dir/chartqa`` (DatasetDict).
+    """Write ``output_dir/gemma3`` (model + processor), ``output_dir/chartqa`` (DatasetDict) and
+    ``output_dir/chart.png`` (the first test chart, for the README's one-question example).
 
-    Returns {"model": path, "dataset": path}.
+    Returns {"model": path, "dataset": path, "image": path}.
     """
+    import datasets
+
     model_dir = os.path.join(output_dir, "gemma3")
     data_dir = os.path.join(output_dir, "chartqa")
+    image_path = os.path.join(output_dir, "chart.png")
     os.makedirs(output_dir, exist_ok=True)
 
     tokenizer = build_tokenizer()
     save_model_and_processor(build_model(tokenizer, seed=seed), build_processor(tokenizer), model_dir)
 
-    build_chartqa(n_train, n_val, n_test, seed=seed).save_to_disk(data_dir)
-    return {"model": model_dir, "dataset": data_dir}
+    chartqa = build_chartqa(n_train, n_val, n_test, seed=seed)
+    shown = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()  # three tiny splits: a progress bar each would be noise
+    try:
+        chartqa.save_to_disk(data_dir)
+    finally:
+        if shown:
+            datasets.utils.enable_progress_bars()
+    chartqa["test"][0]["image"].save(image_path)
+    return {"model": model_dir, "dataset": data_dir, "image": image_path}
 
 
 def run_builder_cli(doc, write_assets, argv=None, **sizes):

@@ -26,7 +26,8 @@ default; and the call sites in optimum-habana 1.21.2 (``models/gemma3/modeling_g
   ``[batch, groups, heads_per_group, ...]``); one key/value head broadcasts to all.
 * ``scale``: ``None`` means ``1 / sqrt(head_dim)``; scores are ``scale * q @ k^T``.
 * ``attn_mask``: a float mask is ADDED to the scores (``[batch, 1 or heads, q_length, kv_length]``,
-  broadcast). A bool mask follows torch's ``scaled_dot_product_attention`` (True = may attend); the
+  broadcast); its dtype must be ``q``'s, as Habana's kernel requires (RuntimeError otherwise), so a float32
+  mask with bf16 queries is caught here. A bool mask follows torch's ``scaled_dot_product_attention`` (True = may attend); the
   wrapper passes masks through unchanged, so the kernel's own handling of bool masks is not
   confirmed by these sources (optimum-habana passes float masks).
 * ``is_causal``: key ``j`` is visible to query ``i`` iff ``j <= i`` (torch's lower-triangular mask).
@@ -119,6 +120,12 @@ class FusedSDPA:
             raise ValueError(f"FusedSDPA test double: unknown softmax_mode {softmax_mode!r}")
         if padding_side not in ("left", "right"):
             raise ValueError(f"FusedSDPA test double: unknown padding_side {padding_side!r}")
+
+        if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            raise RuntimeError(
+                f"FusedSDPA test double: attn_mask is {attn_mask.dtype} but q is {q.dtype}; Habana's kernel takes an "
+                "additive mask only in q's dtype."
+            )
 
         q_len, kv_len = q.shape[-2], k.shape[-2]
         if is_causal and (attn_mask is not None or q_len != kv_len):

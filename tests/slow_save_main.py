@@ -1,0 +1,80 @@
+# Licensed under the Apache License, Version 2.0 (the "License").
+"""Runs run_lora_vlm.cli() (one rank of a launcher, or alone) with test-only hooks, for the preemption tests.
+
+The hooks are read from the environment, so that re-running the very same command line is what a user does:
+
+- `SLOW_SAVE_EVENTS=DIR`: each rank writes `DIR/rank<R>-step<N>` when it holds at step N and `DIR/rank<R>-saving<N>`
+  once checkpoint N is partly written (model weights, not yet the optimizer nor trainer_state.json).
+- `SLOW_SAVE_HOLD_AT_STEP=N`: at the end of step N each rank waits for its stop request (a signal) before the
+  preemption handler looks for one, so the run stops at step N whatever the timing.
+- `SLOW_SAVE_SECONDS=S`: writing the checkpoint of step N takes S seconds longer, in the middle of the save.
+
+It also gives `--ddp_find_unused_parameters` the default GaudiTrainingArguments gives it, False
+(optimum/habana/transformers/training_args.py:353-356), where the stock TrainingArguments has None: the CPU ranks
+then meet DDP as Gaudi ranks do.
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import run_lora_vlm  # noqa: E402
+
+RANK = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", "0"))
+
+
+def mark(name: str) -> None:
+    events = os.environ.get("SLOW_SAVE_EVENTS")
+    if events:
+        Path(events).mkdir(parents=True, exist_ok=True)
+        Path(events, f"rank{RANK}-{name}").write_text("")
+
+
+class HoldUntilStopRequested(transformers.TrainerCallback):
+    def __init__(self, step: int, preemption: run_lora_vlm.PreemptionHandler):
+        self.step, self.preemption = step, preemption
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            mark(f"step{self.step}")
+            deadline = time.monotonic() + 300  # only against a hang: the test signals as soon as it sees the mark
+            while not self.preemption.signum:
+                assert time.monotonic() < deadline, f"rank {RANK}: no stop request at step {self.step}"
+                time.sleep(0.05)
+
+
+def main() -> None:
+    hold_step = int(os.environ.get("SLOW_SAVE_HOLD_AT_STEP", "0"))
+    seconds = float(os.environ.get("SLOW_SAVE_SECONDS", "0"))
+    field = transformers.TrainingArguments.__dataclass_fields__["ddp_find_unused_parameters"]
+    field.default = False
+    build_trainer, save_optimizer = run_lora_vlm.build_trainer, transformers.Trainer._save_optimizer_and_scheduler
+
+    def build_trainer_with_hold(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        preemption = next(cb for cb in trainer.callback_handler.callbacks
+                          if isinstance(cb, run_lora_vlm.PreemptionHandler))
+        # First in line, so the preemption handler sees the request at this same step end.
+        trainer.callback_handler.callbacks.insert(0, HoldUntilStopRequested(hold_step, preemption))
+        return trainer
+
+    def slow_save_optimizer(self, output_dir):
+        # Trainer._save_checkpoint writes the model, then this, then trainer_state.json (transformers/trainer.py).
+        mark(f"saving{self.state.global_step}")
+        if self.state.global_step == hold_step:
+            time.sleep(seconds)
+        return save_optimizer(self, output_dir)
+
+    if hold_step:
+        run_lora_vlm.build_trainer = build_trainer_with_hold
+    transformers.Trainer._save_optimizer_and_scheduler = slow_save_optimizer
+    sys.exit(run_lora_vlm.cli(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

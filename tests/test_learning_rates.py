@@ -1,0 +1,101 @@
+# Licensed under the Apache License, Version 2.0 (the "License").
+"""--vision_learning_rate / --projector_learning_rate: the optimizer's parameter groups, one plain SGD step moving each
+part by its own rate, and the refusals; the same run trains with --pan_and_scan and merges, so the merged model's
+processor crops as training did."""
+
+import json
+import logging
+
+import pytest
+import torch
+import transformers
+
+import run_lora_vlm as rlv
+from conftest import run_training, script_args, train_argv
+
+RATES = {"vision": 0.5, "projector": 0.25, "rest": 0.1}
+
+
+def part(name: str) -> str:
+    """The part a trainable parameter belongs to, from its name, as the flags' help describes them."""
+    if ".multi_modal_projector." in name:
+        return "projector"
+    return "vision" if ".vision_tower." in name else "rest"
+
+
+class StepRecorder(transformers.TrainerCallback):
+    """Every trainable parameter and its gradient just before the optimizer's first step, and the parameter after."""
+
+    def __init__(self, model):
+        self.model, self.before, self.grads, self.after = model, {}, {}, {}
+
+    def trainable(self):
+        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self.before:
+            self.names = {id(p): name for name, p in self.model.named_parameters()}
+            for name, p in self.trainable():
+                self.before[name], self.grads[name] = p.detach().clone(), p.grad.detach().clone()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if not self.after:
+            self.after = {name: p.detach().clone() for name, p in self.trainable()}
+
+
+def test_each_part_trains_at_its_own_rate_and_the_merged_processor_crops(assets, tmp_path, monkeypatch, caplog):
+    recorders = []
+    build_trainer = rlv.build_trainer
+
+    def recording_build_trainer(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        recorders.append(StepRecorder(trainer.model))
+        trainer.add_callback(recorders[-1])
+        return trainer
+
+    monkeypatch.setattr(rlv, "build_trainer", recording_build_trainer)
+    argv = train_argv(
+        assets, tmp_path, "--do_train", "--max_train_samples", "4", "--per_device_train_batch_size", "4",
+        "--max_steps", "1", "--optim", "sgd", "--lr_scheduler_type", "constant", "--weight_decay", "0",
+        "--learning_rate", str(RATES["rest"]), "--train_vision_tower", "--vision_learning_rate", str(RATES["vision"]),
+        "--train_projector", "--projector_learning_rate", str(RATES["projector"]),
+        "--pan_and_scan", "--pan_and_scan_min_crop_size", "16", "--pan_and_scan_max_crops", "3",
+        "--pan_and_scan_min_ratio", "1.2", "--merge_adapter")
+    with caplog.at_level(logging.INFO, logger="run_lora_vlm"):
+        trainer = run_training(argv)
+    recorder = recorders[0]
+
+    # The optimizer's groups: each part's parameters at the rate asked for, every trainable parameter in one group
+    # (named as at the step: merging the adapter afterwards replaced the LoRA layers).
+    names = recorder.names
+    rates_of = {}
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            rates_of.setdefault(part(names[id(p)]), set()).add(group["lr"])
+    assert rates_of == {name: {rate} for name, rate in RATES.items()}
+    grouped = sorted(names[id(p)] for group in trainer.optimizer.param_groups for p in group["params"])
+    assert grouped == sorted(recorder.before)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Optimizer parameter groups")]
+    assert len(logged) == 1
+    assert "vision_tower: learning rate 0.5" in logged[0] and "multi_modal_projector: learning rate 0.25" in logged[0]
+
+    # One SGD step (no momentum, no weight decay, constant rate): new = old - rate * gradient, exactly per part.
+    moved = {name: 0 for name in RATES}
+    for name, before in recorder.before.items():
+        rate, grad = RATES[part(name)], recorder.grads[name]
+        torch.testing.assert_close(recorder.after[name], before - rate * grad, rtol=0, atol=1e-7)
+        moved[part(name)] += int(grad.abs().sum() > 0)
+    assert all(count > 0 for count in moved.values()), moved
+
+    # The merged model's processor crops as training did.
+    saved = json.loads((tmp_path / "merged" / "preprocessor_config.json").read_text())
+    assert (saved["do_pan_and_scan"], saved["pan_and_scan_max_num_crops"], saved["pan_and_scan_min_crop_size"],
+            saved["pan_and_scan_min_ratio_to_activate"]) == (True, 3, 16, 1.2)
+
+
+@pytest.mark.parametrize("flag, needs", [("--vision_learning_rate", "--train_vision_tower"),
+                                         ("--projector_learning_rate", "--train_projector")])
+def test_a_part_rate_without_training_that_part_is_refused_in_one_line(flag, needs):
+    with pytest.raises(rlv.UsageError, match=rf"^{flag} applies to the weights {needs} trains; add {needs} or drop it"):
+        script_args(flag, "1e-4")
+    assert getattr(script_args(flag, "1e-4", needs).lora, flag[2:]) == 1e-4
