@@ -583,6 +583,11 @@ def cli(argv: Optional[list[str]] = None) -> int:
                   "Pass --overwrite_output_dir to run it again.", file=sys.stderr)
         else:
             main(args)
+    except KeyboardInterrupt:
+        # Ctrl-C outside training (while loading, checking rows or evaluating); training handles it itself, saving a
+        # checkpoint first (PreemptionHandler).
+        print("error: interrupted (Ctrl-C).", file=sys.stderr)
+        return 130
     except UsageError as e:
         # A mistake in the flags or the data: one line saying what to change, no traceback. A DataLoader worker's
         # error arrives with the worker's traceback in its message (torch/_utils.py:774-789): its last line is ours.
@@ -796,7 +801,7 @@ MODEL_FAMILIES = {
         image_token_counts=gemma3_image_token_counts,
         # Without crops; an image with crops becomes the text ChatEncoder.crop_expansion reads from the processor.
         expanded_length=lambda processor, count: len(processor.full_image_sequence),
-        # pixel_values holds each image's row, then one per crop (image_processing_gemma3.py:236).
+        # pixel_values holds each image's row, then one per crop (image_processing_gemma3.py:235).
         patches_per_image=lambda processed: [
             1 + int(n) for n in processed.get("num_crops", [0] * len(processed["pixel_values"]))
         ],
@@ -1470,7 +1475,7 @@ class RowChecker:
         the image's, then one per --pan_and_scan crop; the text standing for the image in the checked chat, one image
         token per sequence). Tokens from the processor's own arithmetic where it has one (no pixels; e.g.
         transformers/models/qwen2_5_vl/processing_qwen2_5_vl.py:205, llava_next/processing_llava_next.py:228,
-        gemma3/processing_gemma3.py:154, which counts no crops: ChatEncoder.image_crops does, from the size alone),
+        gemma3/processing_gemma3.py:154, which counts no crops (:169): ChatEncoder.image_crops does, from the size),
         else from a blank image's tokens."""
         encoder, processor = self.encoder, self.encoder.processor
         size = tuple(encoder.data_args.fixed_image_size or size)
@@ -1605,20 +1610,44 @@ def image_text(processor, count: int) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def pan_and_scan_settings(processor, family: ModelFamily, data_args: DataArguments) -> dict:
-    """The processor arguments of --pan_and_scan and its settings (each defaulting to the image processor's own);
-    {} without --pan_and_scan."""
+def apply_pan_and_scan(processor, family: ModelFamily, data_args: DataArguments) -> dict:
+    """The processor arguments of --pan_and_scan and its settings (each defaulting to the processor's own), also
+    written into `processor`; {} without --pan_and_scan."""
     if not data_args.pan_and_scan:
         return {}
     if family.pan_and_scan_kwargs is None:
         raise UsageError(f"--pan_and_scan applies to Gemma 3 only; {type(processor).__name__} cuts no crops.")
+    defaults = processor_call_defaults(processor)["images_kwargs"]
     settings = {}
     for flag, name in zip(PAN_AND_SCAN_FLAGS, family.pan_and_scan_kwargs):
         value = getattr(data_args, flag)
-        settings[name] = getattr(processor.image_processor, name, None) if value is None else value
-        if settings[name] is None:
-            raise UsageError(f"--{flag}: this model's image processor sets no default; give one.")
+        if value is None:
+            value = defaults.get(name, getattr(processor.image_processor, name, None))
+        if value is None:
+            raise UsageError(f"--{flag}: this model's processor sets no default; give one.")
+        settings[name] = value
+    # Saved with the processor (checkpoints, the merged model), so that a model served from them crops as it was
+    # trained: as the image processor's settings, for a server calling it alone, and as the tokenizer's init kwargs,
+    # which a processor call takes over its own defaults (processing_utils.py ProcessorMixin._merge_kwargs; Gemma 3's
+    # default is no pan-and-scan, processing_gemma3.py:43-49, whatever the image processor says).
+    for name, value in settings.items():
+        setattr(processor.image_processor, name, value)
+        processor.tokenizer.init_kwargs[name] = value
     return settings
+
+
+def processor_call_defaults(processor) -> dict:
+    """{modality: arguments} a processor call uses when given none: its kwargs class's defaults (Gemma 3's:
+    processing_gemma3.py:38-50), which win over the image processor's own settings, updated by the tokenizer's init
+    kwargs (transformers/processing_utils.py ProcessorMixin._merge_kwargs)."""
+    import inspect
+    import typing
+
+    call_kwargs = inspect.signature(type(processor).__call__).parameters.get("kwargs")
+    kwargs_class = next(iter(typing.get_args(call_kwargs.annotation)), None) if call_kwargs is not None else None
+    if kwargs_class is None or not hasattr(kwargs_class, "_defaults"):
+        return {"images_kwargs": {}}
+    return processor._merge_kwargs(kwargs_class, tokenizer_init_kwargs=processor.tokenizer.init_kwargs)
 
 
 class ChatEncoder:
@@ -1644,11 +1673,8 @@ class ChatEncoder:
                 raise UsageError("--image_min_pixels / --image_max_pixels apply to dynamic-resolution families "
                                  "(qwen2_5_vl).")
             self.image_kwargs.update({k: v for k, v in zip(family.pixel_budget_kwargs, budget) if v is not None})
-        self.crop_settings = pan_and_scan_settings(processor, family, data_args)  # {} without --pan_and_scan
+        self.crop_settings = apply_pan_and_scan(processor, family, data_args)  # {} without --pan_and_scan
         self.image_kwargs.update(self.crop_settings)
-        # Saved with the processor (checkpoints, the merged model): a model served from them crops as it was trained.
-        for name, value in self.crop_settings.items():
-            setattr(processor.image_processor, name, value)
         self.crop_expansions = {}  # number of crops -> what the processor writes for an image with that many
         # What a row's text must not hold: strings the processor reads as an image, and the tokenizer's markup
         # (<bos>, <eos>, <pad>, <unk> and the special tokens the chat template writes, e.g. <end_of_turn>). Other
@@ -1737,7 +1763,7 @@ class ChatEncoder:
 
     def crop_expansion(self, crops: int, size: tuple[int, int]) -> str:
         """What the processor writes in place of the placeholder of an image with `crops` (> 0) crops, such as one of
-        `size`: each processor words it its own way (Gemma 3: processing_gemma3.py:126-136), so it is read, once per
+        `size`: each processor words it its own way (Gemma 3: processing_gemma3.py:127-138), so it is read, once per
         number of crops, from the processor's own output for a blank image of that size."""
         if crops not in self.crop_expansions:
             blank = Image.new("RGB", (int(size[1]), int(size[0])))
@@ -2308,7 +2334,8 @@ class TrainingLossMonitor(transformers.TrainerCallback):
         def images(image_shapes) -> str:
             return "".join(f", {name} {'x'.join(map(str, shape))}" for name, shape in image_shapes)
 
-        listed = ", ".join(f"{b}x{n} ({k} logits{images(i)}): {count}" for (b, n, k, i), count in sorted(shapes.items()))
+        listed = ", ".join(f"{b}x{n} ({k} logits{images(i)}): {count}"
+                           for (b, n, k, i), count in sorted(shapes.items()))
         return f"{len(shapes)} distinct {stage} batch shapes ({listed})"
 
     def check_non_finite(self, step: int) -> None:
@@ -2513,6 +2540,14 @@ class WholeSplitEvaluationTrainer(Trainer):
             return super()._get_dataloader(*args, is_training=is_training, **kwargs)
         finally:
             self.args.dataloader_drop_last = drop_last
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # The split's loss is the monitor's (evaluation_loop below). Returning the batch's loss too would have the
+        # loop gather it across ranks and concatenate it on the device after every batch (transformers/trainer.py
+        # :4459-4461; optimum/habana/transformers/trainer.py:2149-2151): a collective and, on Gaudi, a growing
+        # tensor, a new graph, per batch.
+        _, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        return None, logits, labels
 
     def evaluation_loop(self, dataloader, *args, metric_key_prefix: str = "eval", **kwargs):
         monitor = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, TrainingLossMonitor))
@@ -2932,7 +2967,8 @@ def merge_saved_adapter(args: ScriptArguments) -> None:
     """--merge_adapter alone: fold the run's adapter (adapter_for_run) into the base model, written to
     <output_dir>/merged."""
     setup_run(args.training)
-    model, processor, _ = load_model_with_adapter(args)
+    model, processor, family = load_model_with_adapter(args)
+    apply_pan_and_scan(processor, family, args.data)  # a model served from the merged folder crops as trained
     export_merged(model, processor, Path(args.training.output_dir, "merged"))
 
 

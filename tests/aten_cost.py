@@ -20,11 +20,15 @@ flag), and torch's optimizer step counters, which torch keeps on the host for no
 cannot be told apart from device ones on the double, so they count as device tensors: the counter errs towards more
 syncs, never fewer. Ops on host tensors are no part of any HPU graph.
 
-Graph signatures: lazy mode accumulates ops until `mark_step` and compiles each distinct graph once. The ops between
-two `mark_step` calls, each with its name, the shapes and dtypes of its tensor arguments and its integer/boolean
-arguments, hash to a segment signature; a training micro-batch's signature is the tuple of its segments' (from its
-`training_step` to the trainer's `mark_step` after it: inputs, images and logits kept included), an evaluation batch's
-that of its `prediction_step`. Distinct signatures are the graphs a real HPU compiles.
+Step signatures: lazy mode accumulates ops until `mark_step` (or a sync) and compiles each distinct graph once, so
+each distinct signature of a micro-batch is a compile. Two are recorded per training micro-batch (from its
+`training_step` to the trainer's `mark_step` after it, its backward included) and per evaluation batch (its
+`prediction_step`): "inputs", the shapes and dtypes of the batch's tensors (images and kept logit positions included),
+and "graph", the signatures of the segments it ran between graph breaks, each hashed from its ops' names, tensor
+shapes and dtypes and integer arguments (floats, such as learning rates, are graph inputs). The graph signature also
+sees what the inputs do not (a Python branch, a data-dependent shape inside the model), and what a real HPU compiles
+once more, e.g. a backward that adds to existing gradients in an accumulation window. `graphs` counts every distinct
+segment of the run.
 
 Run a measured CLI run with `cost_run` (subprocesses, one per rank, the double first on PYTHONPATH); the subprocess
 side is `python tests/aten_cost.py SPEC_JSON ARGV...`.
@@ -293,7 +297,8 @@ class Ledger:
         # tail of a logging step) is set apart here. On an HPU it joins the batch's first graph, so it may compile
         # that graph once more per variant; those compiles are counted in `graphs`, not in the batch signatures.
         self.cost.close_segment()
-        described = {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in inputs.items() if torch.is_tensor(v)}
+        described = {k: [list(v.shape), str(v.dtype).replace("torch.", "")]
+                     for k, v in inputs.items() if torch.is_tensor(v)}
         self.region = {"epoch": epoch, "step": step, "graph": [], "inputs": described}
         self.closing = False
         self.batches[stage].append(self.region)
@@ -374,7 +379,8 @@ def run_flags(model: str, dataset: str, output_dir, *extra) -> list:
     """A short lazy-mode Gaudi run through the double: no workers (the collator stays in the process, set apart)."""
     return ["--model_name_or_path", model, "--dataset_name", dataset, "--output_dir", str(output_dir),
             "--use_habana", "--use_lazy_mode", "--report_to", "none", "--seed", "0", "--learning_rate", "1e-3",
-            "--dataloader_pin_memory", "False", "--dataloader_num_workers", "0", "--save_strategy", "no", "--overwrite_output_dir", *extra]
+            "--dataloader_pin_memory", "False", "--dataloader_num_workers", "0", "--save_strategy", "no",
+            "--overwrite_output_dir", *extra]
 
 
 def varied_image_sizes(dataset_dir: str, output_dir: Path, sizes=((64, 96), (96, 64), (72, 120), (100, 100))) -> str:

@@ -332,3 +332,12 @@ def test_a_folder_that_reads_two_ways_is_one_line_naming_both(chart_rows, tmp_pa
     with pytest.raises(rlv.UsageError, match=r"reads two ways: as data files \['train.jsonl'\], or as an image "
                                              r"folder described by \['metadata.jsonl'\]"):
         rlv.load_data(args.data, args.training, None)
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(assets, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C raises while the model loads
+
+    monkeypatch.setattr(rlv, "load_model", interrupted)
+    assert rlv.cli(train_argv(assets, tmp_path / "out", "--do_eval", "--max_eval_samples", "4")) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "error: interrupted (Ctrl-C)."

@@ -1,17 +1,21 @@
 # Licensed under the Apache License, Version 2.0 (the "License").
 """--vision_learning_rate / --projector_learning_rate: the optimizer's parameter groups, one plain SGD step moving each
 part by its own rate, and the refusals; the same run trains with --pan_and_scan and merges, so the merged model's
-processor crops as training did."""
+processor crops as training did. Then the same through GaudiTrainer (the habana_frameworks TEST DOUBLE, in a
+subprocess that runs this file as a script), whose Gaudi config picks Habana's FusedAdamW itself."""
 
 import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
 import run_lora_vlm as rlv
-from conftest import run_training, script_args, train_argv
+from conftest import REPO_ROOT, habana_double_env, run_training, script_args, train_argv
 
 RATES = {"vision": 0.5, "projector": 0.25, "rest": 0.1}
 
@@ -99,3 +103,63 @@ def test_a_part_rate_without_training_that_part_is_refused_in_one_line(flag, nee
     with pytest.raises(rlv.UsageError, match=rf"^{flag} applies to the weights {needs} trains; add {needs} or drop it"):
         script_args(flag, "1e-4")
     assert getattr(script_args(flag, "1e-4", needs).lora, flag[2:]) == 1e-4
+
+
+def test_gaudi_trainer_trains_each_part_at_its_own_rate_with_its_fused_adamw(assets, tmp_path):
+    gaudi_config = tmp_path / "gaudi_config"
+    gaudi_config.mkdir()
+    (gaudi_config / "gaudi_config.json").write_text(json.dumps({"use_fused_adam": True}))
+    argv = train_argv(
+        assets, tmp_path / "out", "--do_train", "--max_train_samples", "4", "--per_device_train_batch_size", "4",
+        "--max_steps", "1", "--lr_scheduler_type", "constant", "--weight_decay", "0",
+        "--learning_rate", str(RATES["rest"]), "--train_vision_tower", "--vision_learning_rate", str(RATES["vision"]),
+        "--train_projector", "--projector_learning_rate", str(RATES["projector"]),
+        "--use_habana", "--use_cpu", "--gaudi_config_name", str(gaudi_config))
+    out = tmp_path / "result.json"
+    env = habana_double_env()
+    # The script beside the double: run as a script, this file finds run_lora_vlm.py only on PYTHONPATH.
+    env.update(PT_HPU_LAZY_MODE="0", PYTHONPATH=f"{env['PYTHONPATH']}:{REPO_ROOT}")
+    result = subprocess.run([sys.executable, __file__, json.dumps(argv), str(out)], env=env, cwd=str(tmp_path),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and out.exists(), result.stdout[-3000:] + result.stderr[-5000:]
+    recorded = json.loads(out.read_text())
+    assert recorded["optimizer"] == "FusedAdamW" and "GaudiTrainer" in recorded["trainer_classes"]
+    assert recorded["rates_of"] == {name: [rate] for name, rate in RATES.items()}
+    # AdamW's first step, no weight decay: new = old - rate * g / (|g| + eps), per part at its own rate.
+    assert recorded["largest_error"] < 1e-6
+    assert all(count > 0 for count in recorded["moved"].values()), recorded["moved"]
+
+
+def gaudi_scenario(argv: list, out: str) -> None:
+    """In the subprocess: train one step through build_trainer (GaudiTrainer here) and record what the test checks."""
+    recorders = []
+    build_trainer = rlv.build_trainer
+
+    def recording_build_trainer(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        recorders.append(StepRecorder(trainer.model))
+        trainer.add_callback(recorders[-1])
+        return trainer
+
+    rlv.build_trainer = recording_build_trainer
+    trainer = rlv.main(rlv.parse_args(argv))
+    recorder, optimizer = recorders[0], trainer.optimizer
+    rates_of = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            rates_of.setdefault(part(recorder.names[id(p)]), set()).add(group["lr"])
+    eps, largest_error, moved = trainer.args.adam_epsilon, 0.0, {name: 0 for name in RATES}
+    for name, before in recorder.before.items():
+        grad = recorder.grads[name]
+        expected = before - RATES[part(name)] * grad / (grad.abs() + eps)
+        largest_error = max(largest_error, float((recorder.after[name] - expected).abs().max()))
+        moved[part(name)] += int(grad.abs().sum() > 0)
+    Path(out).write_text(json.dumps({
+        "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__,
+        "trainer_classes": [cls.__name__ for cls in type(trainer).__mro__],
+        "rates_of": {name: sorted(rates) for name, rates in rates_of.items()},
+        "largest_error": largest_error, "moved": moved}))
+
+
+if __name__ == "__main__":
+    gaudi_scenario(json.loads(sys.argv[1]), sys.argv[2])

@@ -132,22 +132,26 @@ def test_a_row_too_long_only_with_its_crops_is_found_by_the_validation_pass(fres
 
 def test_settings_default_to_the_processor_and_are_saved_with_it(fresh_processor, tmp_path):
     processor = fresh_processor
-    image_processor = processor.image_processor
-    image_processor.pan_and_scan_max_num_crops, image_processor.pan_and_scan_min_crop_size = 3, 20
-    image_processor.pan_and_scan_min_ratio_to_activate = 1.5
     encoder = make_collator(processor, script_args("--pan_and_scan").data, ("image", "question", "answer")).encoder
-    assert encoder.crop_settings == {"do_pan_and_scan": True, "pan_and_scan_max_num_crops": 3,
-                                     "pan_and_scan_min_crop_size": 20, "pan_and_scan_min_ratio_to_activate": 1.5}
+    # Gemma3Processor's call defaults (processing_gemma3.py:43-49) win over its image processor's settings.
+    assert encoder.crop_settings == {"do_pan_and_scan": True, "pan_and_scan_max_num_crops": 4,
+                                     "pan_and_scan_min_crop_size": 256, "pan_and_scan_min_ratio_to_activate": 1.2}
     encoder = collator_for(processor).encoder  # the flags win over the processor's own
     processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert {name: saved[name] for name in PROCESSOR_CROP_KWARGS} == PROCESSOR_CROP_KWARGS
-    # A server loading the saved processor crops as training did, with no argument.
+    # A server loading the saved processor crops as training did, with no argument: through the processor (whose
+    # own defaults are no crops) and through its image processor alone.
     served = rlv.load_processor(rlv.ModelArguments(model_name_or_path=str(_model_folder_with(processor, tmp_path))))[2]
     chart = noise_image(256, 64)
-    assert torch.equal(served.image_processor(chart, return_tensors="pt")["pixel_values"],
-                       encoder.processor.image_processor(chart, return_tensors="pt", **PROCESSOR_CROP_KWARGS)[
-                           "pixel_values"])
+    trained = collator_for(processor)([feature({"image": chart, "question": "Which bar?", "answer": "B"})])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which bar?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "B"}]}]
+    text = served.apply_chat_template(messages, tokenize=False)
+    bare = served(text=text, images=[[chart]], add_special_tokens=False, return_tensors="pt")
+    assert bare["input_ids"][0].tolist() == trained["input_ids"][0].tolist()
+    assert torch.equal(bare["pixel_values"], trained["pixel_values"])
+    assert torch.equal(served.image_processor(chart, return_tensors="pt")["pixel_values"], trained["pixel_values"])
 
 
 def _model_folder_with(processor, folder):
@@ -171,3 +175,23 @@ def test_pan_and_scan_is_refused_for_a_family_without_crops(family_models, asset
     assert rlv.cli(argv) == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("error: --pan_and_scan applies to Gemma 3 only")
+
+
+def test_one_question_mode_generates_from_the_image_and_its_crops(assets, tmp_path, monkeypatch, capsys):
+    noise_image(256, 64).save(tmp_path / "wide_chart.png")
+    seen = []
+    process = rlv.ChatEncoder.process
+
+    def recording_process(self, *args, **kwargs):
+        processed = process(self, *args, **kwargs)
+        image_tokens = int((processed["input_ids"] == self.image_token_id).sum())
+        seen.append((tuple(processed["pixel_values"].shape), image_tokens))
+        return processed
+
+    monkeypatch.setattr(rlv.ChatEncoder, "process", recording_process)
+    argv = ["--model_name_or_path", assets["model"], "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+            "--predict_image", str(tmp_path / "wide_chart.png"), "--predict_question", "Which bar is tallest?",
+            "--generation_max_new_tokens", "3", *CROP_FLAGS]
+    assert rlv.cli(argv) == 0, capsys.readouterr().err[-2000:]
+    assert seen == [((1 + 4, 3, 32, 32), (1 + 4) * 4)]
+    assert capsys.readouterr().out.count("\n") == 1
