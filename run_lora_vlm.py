@@ -631,7 +631,7 @@ def main(args: ScriptArguments) -> Trainer:
     # Trainer: GaudiTrainer on Gaudi, the stock Trainer elsewhere.
     trainer = build_trainer(model, training_args, model_args, args.run, processor, splits, collator, args.lora)
 
-    # Train, stopping cleanly on SIGTERM; an evaluation of the untouched model first, if asked.
+    # Train, stopping cleanly on SIGTERM or Ctrl-C; an evaluation of the untouched model first, if asked.
     generator = GenerationEvaluator.for_run(encoder, skipped_rows, args) if args.evaluation.generation_eval else None
     before = {}
     if trains:

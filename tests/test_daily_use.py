@@ -5,8 +5,6 @@
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -16,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import run_lora_vlm as rlv
-from conftest import REPO_ROOT, habana_double_env, script_args, train_argv
+from conftest import script_args, train_argv
 
 # A training short enough for a test, strong enough to learn its two rows' answers by heart (see test_readme).
 TRAIN_FLAGS = ["--do_train", "--do_eval", "--max_train_samples", "2", "--max_eval_samples", "4",
@@ -249,14 +247,6 @@ def test_help_lists_every_flag_with_its_help_and_exits_0(flag, capsys):
                 assert f"--{item.name}" in printed, item.name
     # A help text with a literal % (argparse formats help with %), rendered as written.
     assert "% of train held out" in printed
-
-
-def test_every_help_text_renders_with_gaudi_training_arguments_too(tmp_path):
-    # Through the Habana double, the training arguments are optimum-habana's GaudiTrainingArguments.
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "run_lora_vlm.py"), "--help"], capture_output=True,
-                            text=True, timeout=120, env=habana_double_env(), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "--use_habana" in result.stdout and "--use_lazy_mode" in result.stdout
 
 
 # Path mistakes: one line naming the path, exit 2, before any model or data loads.

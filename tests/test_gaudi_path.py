@@ -38,6 +38,8 @@ def fake_hub_cache(root: Path) -> Path:
 SHORT_RUN_FLAGS = [f for f in SEED_SINGLE_CARD if f not in ("--gradient_checkpointing", "./output_gemma3")]
 WITHOUT_LAZY_FLAG = [f for f in SEED_SINGLE_CARD if f != "--use_lazy_mode"]
 CASES = {
+    # --help with optimum-habana's GaudiTrainingArguments, whose help texts are rendered too.
+    "help": ("help", ["--help"], None),
     # The modes that do not train, without --use_habana, where Habana's stack is installed. They run first: they
     # must not need optimum-habana's patches of transformers, which the training case installs for the process.
     "one question": ("cli", ["--predict_image", "IMAGE", "--predict_question", "Which bar is the tallest?"], None),
@@ -107,6 +109,14 @@ SEED_HPU_INPUTS = {
     "use_flash_attention": False, "flash_attention_recompute": False, "flash_attention_causal_mask": False,
     "flash_attention_fast_softmax": False, "lazy_mode": True,
 }
+
+
+def test_help_renders_every_flag_with_gaudi_training_arguments(results):
+    # Every help text, optimum-habana's included, goes through argparse's % formatting here.
+    help_case = case(results, "help")
+    assert help_case["exit_code"] == 0
+    for flag in ("--use_habana", "--use_lazy_mode", "--gaudi_config_name", "--pan_and_scan", "--adapter_path"):
+        assert flag in help_case["stdout"], flag
 
 
 def test_seed_commands_parse_into_gaudi_training_arguments(results):
@@ -222,6 +232,21 @@ def _cli_case(argv):
             "merged_files": sorted(p.name for p in merged.iterdir()) if merged and merged.is_dir() else []}
 
 
+def _help_case(argv):
+    import contextlib
+    import io
+
+    import run_lora_vlm
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        try:
+            run_lora_vlm.cli(argv)
+        except SystemExit as e:  # argparse ends --help this way
+            return {"exit_code": e.code, "stdout": stdout.getvalue()}
+    return {"exit_code": None, "stdout": stdout.getvalue()}
+
+
 def _train_case(argv):
     import collections
 
@@ -276,7 +301,8 @@ if __name__ == "__main__":
         if spec["lazy_env"] is not None:
             os.environ["PT_HPU_LAZY_MODE"] = spec["lazy_env"]
         try:
-            recorded[spec["name"]] = {"parse": _parse_case, "train": _train_case, "cli": _cli_case}[spec["kind"]](spec["argv"])
+            recorded[spec["name"]] = {"parse": _parse_case, "train": _train_case, "cli": _cli_case,
+                                     "help": _help_case}[spec["kind"]](spec["argv"])
         except Exception:  # recorded for that case's test; the other cases still run
             recorded[spec["name"]] = {"traceback": traceback.format_exc()}
     Path(out_path).write_text(json.dumps(recorded))
