@@ -218,6 +218,31 @@ MUTATIONS = [
         "",
         ("tests/test_daily_use.py::test_a_wrong_path_is_one_line_naming_it_before_anything_loads",),
     ),
+    # Bugs fixed in issues 21 and 22.
+    Mutation(
+        "projector_ddp_unused_parameters",
+        "--train_projector on several ranks stops with DDP's unused-parameter error at the first batch without an image",
+        "if (args.lora.train_vision_tower or args.lora.train_projector) and",
+        "if args.lora.train_vision_tower and",
+        ("tests/test_launcher_signals.py::test_training_the_projector_lets_ddp_find_unused_parameters_unless_the_flag_"
+         "says_otherwise",),
+    ),
+    Mutation(
+        "placeholder_mask_syncs_on_hpu",
+        "on Gaudi every forward reads a device value back (upstream's image-token count check): a graph break and a "
+        "host sync per micro-batch",
+        "    ports[0].get_placeholder_mask = static_image_placeholder_mask.__get__(ports[0])\n",
+        "",
+        ("tests/test_gaudi_gemma3_attention.py::test_image_placeholder_mask_on_gaudi_gives_identical_embeddings_"
+         "without_a_sync",),
+    ),
+    Mutation(
+        "hpu_generation_ignores_end_of_turn",
+        "on Gaudi, lazy-mode generation runs to --generation_max_new_tokens past the end of turn",
+        '"ignore_eos": False}',
+        "}",
+        ("tests/test_gaudi_gemma3_attention.py::test_generation_on_hpu_equals_upstream_greedy_token_for_token",),
+    ),
 ]
 
 

@@ -513,7 +513,7 @@ def test_signal_to_launcher_stops_every_rank(tmp_path, backend, signum):
     )
     pid_files = [tmp_path / "pid0", tmp_path / "pid1"]
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # a hang guard, not a timing
         while not all(p.exists() and p.read_text() for p in pid_files):
             assert launcher.poll() is None, launcher.communicate()
             assert time.monotonic() < deadline, "ranks did not start"
@@ -527,13 +527,13 @@ def test_signal_to_launcher_stops_every_rank(tmp_path, backend, signum):
         assert os.getsid(rank_pids[0]) != os.getsid(launcher.pid)
         assert gaudi_spawn.rank_processes(launcher.pid, str(PROBE)) == sorted(rank_pids)
 
-        start = time.monotonic()
         launcher.send_signal(signum)
-        _, err = launcher.communicate(timeout=20)
-        assert time.monotonic() - start < 20
+        # The ranks sleep 60 s: stopped by the signal, they never write their result (checked below), whatever the
+        # machine's speed; the timeout only guards against a hang.
+        _, err = launcher.communicate(timeout=120)
         assert launcher.returncode == 128 + signum, err
         assert f"[gaudi_spawn] stopped on {signum.name}: exit code {128 + signum}" in err
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # a hang guard: a signalled rank is gone at once
         while any(pid_alive(pid) for pid in rank_pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(pid_alive(pid) for pid in rank_pids)
@@ -594,7 +594,7 @@ def test_the_stop_request_reaches_the_ranks_not_their_launchers_nor_their_forks(
     backend = subprocess.Popen([PY, "-c", backend_code, launcher_code, str(script), str(tmp_path)],
                                start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # a hang guard, not a timing
         while not all((tmp_path / f"rank{r}").exists() and (tmp_path / f"rank{r}").read_text() for r in range(2)):
             assert time.monotonic() < deadline, "the ranks did not start"
             time.sleep(0.05)
@@ -603,7 +603,7 @@ def test_the_stop_request_reaches_the_ranks_not_their_launchers_nor_their_forks(
         assert gaudi_spawn.rank_processes(backend.pid, str(tmp_path / "other.py")) == []
 
         assert gaudi_spawn.request_stop("deepspeed", backend, str(script))
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # a hang guard, not a timing
         while not all((tmp_path / f"stop{r}").exists() for r in range(2)):
             assert time.monotonic() < deadline, "the ranks got no stop request"
             time.sleep(0.05)
