@@ -19,8 +19,9 @@ optimum-habana 1.21.2's runner, optimum/habana/distributed/distributed_runner.py
 
 This process stays the parent of the back-end (in a session of its own) and takes the signals meant for
 the job.  The first SIGTERM or SIGINT (Ctrl-C) becomes a stop request, SIGUSR1, to the ranks: mpirun
-passes SIGUSR1 on to every rank on every node without killing any; for torchrun and deepspeed it goes
-to the ranks running on this node.  run_lora_vlm.py's ranks then agree on a step, finish it, save a
+passes SIGUSR1 on to every rank on every node without killing any; for torchrun and deepspeed on one
+node it goes to the ranks, this process's descendants; for deepspeed on several hosts, through pdsh to
+the ranks on every host (pkill).  run_lora_vlm.py's ranks then agree on a step, finish it, save a
 checkpoint and exit; none of the back-ends starts its kill timer (mpirun's 2 s, torchrun's 30 s), so the
 save takes as long as it needs.  The launcher then exits 143 (SIGTERM) or 130 (SIGINT).  A second
 SIGTERM or SIGINT goes to the back-end and the ranks as it is: everything stops at once.
@@ -330,13 +331,34 @@ def send(pid, signum):
         pass  # it has just exited
 
 
-def request_stop(backend, proc, script):
+def rank_pattern(script):
+    """The pattern `pkill -f` matches a rank's command line with, as DeepSpeed's per-node launcher starts each rank:
+    `python -u SCRIPT ...` (deepspeed/launcher/launch.py, the `cmd` of each local rank); the launcher's own command
+    line names SCRIPT too, but not after `-u`, and so does the shell running pkill, but escaped."""
+    return "-u " + re.escape(script) + "( |$)"
+
+
+def remote_stop_command(hosts, script):
+    """The stop request for DeepSpeed on several hosts, whose runner starts every rank over pdsh and ssh, none of
+    them a process of this launcher: SIGUSR1 to the ranks on every host, through pdsh as DeepSpeed's own runner kills
+    them (deepspeed/launcher/multinode_runner.py, PDSHRunner)."""
+    # "--": the pattern starts with "-u", which pkill would otherwise read as its own option.
+    return ["pdsh", "-S", "-w", ",".join(hosts), f"pkill -{STOP_SIGNAL.name.removeprefix('SIG')} -f -- "
+            + shlex.quote(rank_pattern(script))]
+
+
+def request_stop(backend, proc, script, hosts=()):
     """Ask every rank to finish its step, save a checkpoint and stop; False when no rank could be asked yet."""
     if backend == "mpirun":
         send(proc.pid, STOP_SIGNAL)  # forwarded to every rank, on every node
         return True
-    # torchrun and deepspeed would kill on any signal they handle, and die of one they do not: so the ranks of this
-    # node are asked directly.  Ranks on other nodes stop with them, as the ranks agree on stopping after every step.
+    if backend == "deepspeed" and len(hosts) > 1:
+        if shutil.which("pdsh") is None:
+            return False
+        subprocess.Popen(remote_stop_command(hosts, script), stdin=subprocess.DEVNULL, start_new_session=True)
+        return True
+    # torchrun and deepspeed on one node would kill on any signal they handle, and die of one they do not: so the
+    # ranks, all on this node and below this process, are asked directly.
     ranks = rank_processes(proc.pid, script)
     for pid in ranks:
         send(pid, STOP_SIGNAL)
@@ -368,7 +390,7 @@ def backend_preexec():
     return set_parent_death_signal
 
 
-def run(cmd, env, backend, script):
+def run(cmd, env, backend, script, hosts=()):
     """Run the back-end as this process's child, in a session of its own (a Ctrl-C at the terminal then reaches only
     this launcher), turning the first SIGTERM or SIGINT into a stop request.  Returns the launcher's exit code: the
     back-end's, or 128 + the signal when a stop was asked for and the job did not end by itself (143 for SIGTERM,
@@ -382,7 +404,7 @@ def run(cmd, env, backend, script):
         if len(received) > 1:
             log(f"{name} again: stopping every rank now; a checkpoint still being written is dropped (resuming picks "
                 "the last complete one)", own_line=True)
-        elif request_stop(backend, proc, script):
+        elif request_stop(backend, proc, script, hosts):
             log(f"{name}: every rank finishes its step, saves a checkpoint and stops, however long the save takes; "
                 f"{name} again stops at once", own_line=True)
             return
@@ -430,7 +452,8 @@ def main(argv=None):
     sys.stdout.flush()
     env = {**os.environ, **extra_env, "MASTER_ADDR": str(args.master_addr), "MASTER_PORT": str(args.master_port)}
     try:
-        return run(cmd, env, args.backend, str(args.training_script))
+        hosts = read_hostfile(args.hostfile) if args.hostfile is not None else []
+        return run(cmd, env, args.backend, str(args.training_script), hosts)
     except OSError as exc:
         print(f"gaudi_spawn.py: error: cannot start {cmd[0]!r}: {exc.strerror or exc}", file=sys.stderr)
         return 2

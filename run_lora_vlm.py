@@ -228,9 +228,11 @@ class RunArguments:
                                       "image tokens), log one decoded example, and exit without loading the model.")
     min_free_disk_gb: float = arg(1.0, "Refuse to start with less free space than this in --output_dir.")
     merge_adapter: bool = arg(False, "Write <output_dir>/merged (base + LoRA as safetensors, processor, generation "
-                              "config): after training, or alone from --adapter_path without --do_train.")
-    adapter_path: Optional[str] = arg(None, "A saved LoRA adapter: for --merge_adapter, or for --predict_image "
-                                      "without training.")
+                              "config): after training, or without --do_train from the run's adapter (--adapter_path, "
+                              "else the one trained in --output_dir).")
+    adapter_path: Optional[str] = arg(None, "A saved LoRA adapter folder to evaluate (--do_eval, --do_predict), merge "
+                                      "or answer --predict_question with, without training. Without it, such runs use "
+                                      "the adapter trained in --output_dir, else the base model.")
     predict_image: Optional[str] = arg(None, "Answer --predict_question about this image file and exit (no dataset).")
     predict_question: Optional[str] = arg(None, "The question for --predict_image.")
 
@@ -433,13 +435,19 @@ HUB_ID = re.compile(r"(?!\.)(?!.*\.\.)[\w.-]+(/[\w.-]+)?")
 def check_paths(args: ScriptArguments) -> None:
     """Every path flag names something that exists, checked before anything loads: a name that cannot be a Hub id
     (or any name, with HF_HUB_OFFLINE=1) must be there locally, so a mistyped path is never sent to the Hub."""
+    # A "~" the shell left alone (in a JSON flags file, or after "--flag="), expanded once for every later use.
+    for owner, flag in ((args.model, "model_name_or_path"), (args.run, "adapter_path"), (args.data, "dataset_name"),
+                        (args.run, "predict_image"), (args.training, "resume_from_checkpoint")):
+        value = getattr(owner, flag)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(owner, flag, os.path.expanduser(value))
     offline = transformers.utils.is_offline_mode()
     hub_or_local = {"model_name_or_path": (args.model.model_name_or_path, "config.json",
                                            "a model folder saved with save_pretrained"),
                     "adapter_path": (args.run.adapter_path, "adapter_config.json",
                                      "an adapter folder written by training, or a checkpoint-N folder in it")}
     for flag, (name, marker, what) in hub_or_local.items():
-        path = None if name is None else Path(name).expanduser()
+        path = None if name is None else Path(name)
         if path is None:
             continue
         if path.is_dir():
@@ -449,22 +457,25 @@ def check_paths(args: ScriptArguments) -> None:
             raise UsageError(f"--{flag} {name}: is a file; expected {what}.")
         elif not HUB_ID.fullmatch(name):
             raise UsageError(f"--{flag} {name}: no such folder (expected {what}).")
-        elif offline and not cached_on_hub(name, marker, args.model):
+        elif offline and not cached_on_hub(name, marker, args.model, flag == "model_name_or_path"):
             raise UsageError(f"--{flag} {name}: no such local folder, and HF_HUB_OFFLINE=1 keeps the Hub from being "
                              "asked (nor is it in the Hub cache). Fix the path, or unset HF_HUB_OFFLINE to download.")
     dataset = args.data.dataset_name
-    if dataset is not None and not Path(dataset).expanduser().exists() and not HUB_ID.fullmatch(dataset):
+    looks_local = dataset is not None and (not HUB_ID.fullmatch(dataset) or Path(dataset).suffix in DATA_FILE_BUILDERS)
+    if looks_local and not Path(dataset).exists():
         raise UsageError(f"--dataset_name {dataset}: no such file or folder (expected a Hub dataset id, a save_to_disk "
                          f"folder, a {'/'.join(sorted(DATA_FILE_BUILDERS))} file or a folder of them).")
     for flag, value in (("predict_image", args.run.predict_image),
                         ("resume_from_checkpoint", args.training.resume_from_checkpoint)):
-        if isinstance(value, str) and not Path(value).expanduser().exists():
+        if isinstance(value, str) and not Path(value).exists():
             raise UsageError(f"--{flag} {value}: no such {'file' if flag == 'predict_image' else 'folder'}.")
 
 
-def cached_on_hub(repo_id: str, filename: str, model_args: ModelArguments) -> bool:
+def cached_on_hub(repo_id: str, filename: str, model_args: ModelArguments, pinned: bool) -> bool:
+    """Whether the Hub cache holds `filename` of `repo_id`: at --model_revision for the model (`pinned`), at the default
+    branch for an adapter, which is loaded there."""
     from huggingface_hub import try_to_load_from_cache
-    revision = model_args.model_revision
+    revision = model_args.model_revision if pinned else None
     return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=model_args.cache_dir, revision=revision), str)
 
 
@@ -902,8 +913,12 @@ def split_data_files(folder: Path, data_files: list[Path]) -> dict[str, list[str
     """{split: files} by datasets' own file-name rules (train*, validation/val/valid/dev*, test*), limited to the data
     files. What this adds: once one file is named after a split, datasets silently leaves out the files that are not;
     here that is an error naming them."""
-    patterns = datasets.data_files.get_data_patterns(str(folder))
-    resolved = DataFilesDict.from_patterns(patterns, str(folder))
+    # datasets' own rules, but seeing the data files only: get_data_patterns looks at every file below the folder,
+    # so images named train_0.png would make a split of their own (datasets/data_files.py:251-292, 387-475).
+    data_only = functools.partial(datasets.data_files.resolve_pattern, base_path=str(folder),
+                                  allowed_extensions=sorted(DATA_FILE_BUILDERS))
+    patterns = datasets.data_files._get_data_files_patterns(data_only)
+    resolved = DataFilesDict.from_patterns(patterns, str(folder), allowed_extensions=sorted(DATA_FILE_BUILDERS))
     wanted = {p.resolve(): str(p) for p in data_files}
     splits = {str(split): [wanted[Path(f).resolve()] for f in files if Path(f).resolve() in wanted]
               for split, files in resolved.items()}
@@ -2167,12 +2182,13 @@ def with_adapter(model, adapter: Optional[str], model_args: ModelArguments):
     """The base model with `adapter` loaded (not trainable), or the base model alone; says which in one line."""
     base = model_args.model_name_or_path
     if adapter is None:
-        logger.info(f"Model: {base} without an adapter (no --adapter_path, and none trained in --output_dir).")
+        logger.info(f"Model: {base} without an adapter (no --adapter_path, and none trained in --output_dir, or "
+                    "--overwrite_output_dir).")
         return model
     from peft import PeftModel
     logger.info(f"Model: {base} with the adapter in {adapter}")
     try:
-        return PeftModel.from_pretrained(model, adapter)
+        return PeftModel.from_pretrained(model, adapter, cache_dir=model_args.cache_dir)
     except (ValueError, RuntimeError) as e:  # e.g. an adapter trained on another base model: shapes differ
         raise UsageError(f"The adapter in {adapter} does not fit --model_name_or_path {base}: {one_line(e)}") from e
 
@@ -2222,7 +2238,7 @@ def build_trainer(model, training_args, model_args, run_args, processor, splits,
         data_collator=collator, processing_class=processor, compute_loss_func=monitor.loss,
         # Preemption first: the checkpoint it asks for at a step end is then a save the monitor checks before.
         callbacks=[PreemptionHandler(), monitor])
-    rates = part_learning_rates(model, lora_args) if lora_args is not None else {}
+    rates = part_learning_rates(model, lora_args, training_args.learning_rate) if lora_args is not None else {}
     if not hasattr(training_args, "use_habana"):
         return PartLearningRatesTrainer(part_learning_rates=rates, **common)
     from optimum.habana import GaudiConfig, GaudiTrainer
@@ -2442,7 +2458,8 @@ class PreemptionHandler(transformers.TrainerCallback):
     device's queue every step)."""
 
     def __init__(self):
-        self.signum = 0  # the first stop signal this rank received, 0 for none
+        self.signum = 0  # the stop signal this rank acts on: its own first one, or the ranks' agreed one; 0 for none
+        self.received = 0  # the first stop signal this rank itself received: only a second one stops it at once
         self.stopped_at_step: Optional[int] = None
         self.host_group = None
 
@@ -2459,15 +2476,17 @@ class PreemptionHandler(transformers.TrainerCallback):
         # Raw writes: writing to sys.stderr while the interrupted code does can fail (a reentrant call). Each on a
         # line of its own, after the progress bar's.
         name = signal.Signals(signum).name
-        if not self.signum:
-            self.signum = signum
+        if not self.received:
+            # A rank that already took the other ranks' agreed signal (a scheduler signalling nodes a moment apart)
+            # gets here with its own first one: that is no second request.
+            self.received, self.signum = signum, self.signum or signum
             if signum != LAUNCHER_STOP_SIGNAL:  # the launcher says so itself
                 os.write(2, f"\n{name}: finishing this step, then saving a checkpoint and stopping; {name} again "
                             "stops at once.\n".encode())
         elif signum != LAUNCHER_STOP_SIGNAL:  # the launcher's request may come again; it asks for the same
             # os._exit: stopping means not waiting for anything, the save being written included (a SystemExit
             # would run the trainer's cleanup first). Under the launcher, it is the one to say so.
-            if self.signum != LAUNCHER_STOP_SIGNAL:
+            if self.received != LAUNCHER_STOP_SIGNAL:
                 os.write(2, f"\n{name} again: stopped at once, before the checkpoint was complete; resuming picks the "
                             "last complete one.\n".encode())
             os._exit(128 + signum)
@@ -2493,11 +2512,14 @@ class PreemptionHandler(transformers.TrainerCallback):
             control.should_save = control.should_training_stop = True
 
 
-def part_learning_rates(model, lora_args: LoraArguments) -> dict[str, float]:
+def part_learning_rates(model, lora_args: LoraArguments, learning_rate: float) -> dict[str, float]:
     """{last module name: learning rate} of the model parts trained at a rate of their own (--vision_learning_rate,
     --projector_learning_rate), projector first: Qwen2.5-VL's sits inside its vision tower."""
     family = model_family(model.config.model_type)
     rates = {family.projector: lora_args.projector_learning_rate, family.vision_tower: lora_args.vision_learning_rate}
+    # A trained projector keeps --learning_rate unless given its own, even inside a tower that has its own.
+    if lora_args.train_projector and rates[family.projector] is None and rates[family.vision_tower] is not None:
+        rates[family.projector] = learning_rate
     return {name: rate for name, rate in rates.items() if rate is not None}
 
 

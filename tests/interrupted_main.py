@@ -4,7 +4,7 @@
 For the reliability tests: `python tests/interrupted_main.py --at_step 3 --signal KILL <run_lora_vlm flags>`
 dies as a preempted or crashed job would, at a known point. With `--slow_rank R`, rank R finishes training last
 (as with a slow file system or a callback flushing its writes): it waits until every other rank has finished, then
-3 s more. Each rank writes `<output_dir>/rank<N>-finished` when it has finished training and `<output_dir>/rank<N>-exit`
+1 s more. Each rank writes `<output_dir>/rank<N>-finished` when it has finished training and `<output_dir>/rank<N>-exit`
 as it exits, each listing the markers present at that moment: the order of events, read without a clock.
 """
 
@@ -66,7 +66,7 @@ def main() -> None:
                 while not all(Path(self.args.output_dir, name).exists() for name in others):
                     assert time.monotonic() < deadline, f"rank {rank}: the other ranks never finished training"
                     time.sleep(0.1)
-                time.sleep(3)  # time for a rank that does not wait for this one to exit before it finishes
+                time.sleep(1)  # time for a rank that does not wait for this one to exit before it finishes
             mark(self.args.output_dir, f"rank{rank}-finished")
             atexit.register(mark, self.args.output_dir, f"rank{rank}-exit")
             return result

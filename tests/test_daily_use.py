@@ -264,6 +264,9 @@ PATH_MISTAKES = {
                                           "--adapter_path {tmp}: the folder holds no adapter_config.json"),
     "dataset path missing": (["--dataset_name", "{tmp}/data/train.jsonl"],
                              "--dataset_name {tmp}/data/train.jsonl: no such file or folder"),
+    # Also the shape of a Hub id, but a data file's name: never sent to the Hub.
+    "dataset file missing, relative": (["--dataset_name", "no-such-folder/train.jsonl"],
+                                       "--dataset_name no-such-folder/train.jsonl: no such file or folder"),
     "image missing": (["--predict_image", "{tmp}/chart.png", "--predict_question", "Which?"],
                       "--predict_image {tmp}/chart.png: no such file"),
     "checkpoint missing": (["--resume_from_checkpoint", "{tmp}/checkpoint-5"],
@@ -294,18 +297,20 @@ def test_a_hub_dataset_that_cannot_be_had_is_one_line(assets, tmp_path, capsys):
 
 
 # A data file beside an images/ folder.
-def write_folder(folder: Path, data_name: str, rows) -> None:
+def write_folder(folder: Path, data_name: str, rows, image_name="{index}.png") -> None:
     (folder / "images").mkdir(parents=True)
     lines = []
     for index, row in enumerate(rows):
-        row["image"].save(folder / "images" / f"{index}.png")
-        lines.append(json.dumps({"image": f"images/{index}.png", "question": row["query"], "answer": row["label"][0]}))
+        name = image_name.format(index=index)
+        row["image"].save(folder / "images" / name)
+        lines.append(json.dumps({"image": f"images/{name}", "question": row["query"], "answer": row["label"][0]}))
     (folder / data_name).write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("data_name", ["train.jsonl", "data.jsonl"])
-def test_a_data_file_beside_an_images_folder_loads_the_file(chart_rows, tmp_path, data_name):
-    write_folder(tmp_path / "data", data_name, chart_rows)
+@pytest.mark.parametrize("data_name, image_name", [("train.jsonl", "{index}.png"), ("data.jsonl", "{index}.png"),
+                                                   ("charts.jsonl", "train_{index}.png")])
+def test_a_data_file_beside_an_images_folder_loads_the_file(chart_rows, tmp_path, data_name, image_name):
+    write_folder(tmp_path / "data", data_name, chart_rows, image_name)
     args = script_args("--do_train", dataset=str(tmp_path / "data"))
     splits, schema, image_base_dir = rlv.load_data(args.data, args.training, None)
     assert schema.kind == "question_answer" and image_base_dir == tmp_path / "data"
@@ -331,3 +336,14 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(assets, tmp_path, caps
     monkeypatch.setattr(rlv, "load_model", interrupted)
     assert rlv.cli(train_argv(assets, tmp_path / "out", "--do_eval", "--max_eval_samples", "4")) == 130
     assert capsys.readouterr().err.splitlines()[-1] == "error: interrupted (Ctrl-C)."
+
+
+def test_a_tilde_the_shell_did_not_expand_is_the_home_folder(assets, tmp_path, monkeypatch):
+    # "--flag=~/x" (or a JSON flags file) reaches the script with the "~" still in it.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "model").symlink_to(assets["model"])
+    (tmp_path / "data").symlink_to(assets["dataset"])
+    argv = ["--model_name_or_path=~/model", "--dataset_name=~/data", "--output_dir", str(tmp_path / "out"),
+            "--do_eval", "--max_eval_samples", "4", "--report_to", "none"]
+    assert rlv.cli(argv) == 0
+    assert results(tmp_path / "out")["eval_samples"] == 4

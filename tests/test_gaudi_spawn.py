@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -614,3 +615,39 @@ def test_the_stop_request_reaches_the_ranks_not_their_launchers_nor_their_forks(
     finally:
         os.killpg(backend.pid, signal.SIGKILL)
         backend.wait()
+
+
+@pytest.mark.skipif(shutil.which("pkill") is None, reason="procps' pkill not installed")
+def test_the_remote_stop_request_reaches_deepspeed_ranks_only(tmp_path):
+    """DeepSpeed on several hosts starts every rank over pdsh: the stop request goes the same way, as a pkill run on
+    each host. Run here without pdsh on stand-ins with the command lines DeepSpeed gives its per-node launcher and its
+    ranks (deepspeed/launcher/launch.py): only the rank gets it."""
+    script = f"probe_{os.getpid()}.py"  # named as the user gave it, relative, as DeepSpeed passes it on
+    command = gaudi_spawn.remote_stop_command(["node1", "node2"], script)
+    assert command[:4] == ["pdsh", "-S", "-w", "node1,node2"]
+    (tmp_path / script).write_text(
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: open(sys.argv[-1], 'w').close())\n"
+        "open(sys.argv[-1] + '.ready', 'w').close()\n"
+        "time.sleep(60)\n")
+    stand_ins = {
+        "rank": [PY, "-u", script, "--model_name_or_path", "m", str(tmp_path / "rank")],
+        "node launcher": [PY, "-u", "-c", (tmp_path / script).read_text(), "--no_local_rank", script,
+                          str(tmp_path / "launcher")],
+    }
+    processes = [subprocess.Popen(argv, cwd=tmp_path) for argv in stand_ins.values()]
+    try:
+        deadline = time.monotonic() + 120  # a hang guard, not a timing
+        while not all((tmp_path / f"{name}.ready").exists() for name in ("rank", "launcher")):
+            assert time.monotonic() < deadline, "the stand-ins did not start"
+            time.sleep(0.05)
+        subprocess.run(["bash", "-c", command[4]], check=False, timeout=60)  # what pdsh runs on each host
+        while not (tmp_path / "rank").exists():
+            assert time.monotonic() < deadline, "the rank got no stop request"
+            time.sleep(0.05)
+        time.sleep(0.5)  # a stray request to the launcher would have landed by now
+        assert not (tmp_path / "launcher").exists() and processes[1].poll() is None
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()

@@ -163,3 +163,19 @@ def gaudi_scenario(argv: list, out: str) -> None:
 
 if __name__ == "__main__":
     gaudi_scenario(json.loads(sys.argv[1]), sys.argv[2])
+
+
+def test_a_projector_inside_the_vision_tower_keeps_the_main_rate(family_models):
+    # Qwen2.5-VL's projector (the merger) sits inside its vision tower: --vision_learning_rate must not reach it.
+    from transformers import AutoModelForImageTextToText
+
+    lora = script_args("--train_vision_tower", "--train_projector", "--vision_learning_rate", "0.25").lora
+    model = AutoModelForImageTextToText.from_pretrained(family_models["qwen2_5_vl"])
+    model = rlv.apply_lora(model, lora, rlv.MODEL_FAMILIES["qwen2_5_vl"])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    rlv.split_learning_rate_groups(optimizer, model, rlv.part_learning_rates(model, lora, 0.5), 0.5)
+    rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    expected = {name: 0.5 if ".merger." in name or ".visual." not in name else 0.25
+                for name, p in model.named_parameters() if p.requires_grad}
+    assert {name: rate_of[id(p)] for name, p in model.named_parameters() if p.requires_grad} == expected
+    assert {0.5, 0.25} == set(expected.values()) and any(".merger." in name for name in expected)
