@@ -243,6 +243,31 @@ MUTATIONS = [
         "}",
         ("tests/test_gaudi_gemma3_attention.py::test_generation_on_hpu_equals_upstream_greedy_token_for_token",),
     ),
+    # Bugs found by the review of issues 21, 24 and 25.
+    Mutation(
+        "agreed_stop_counts_as_own_signal",
+        "a rank that took the other ranks' stop at a step end exits at once, mid-save, when its own first SIGTERM "
+        "arrives a moment later",
+        "        if not self.received:",
+        "        if not self.signum:",
+        ("tests/test_launcher_signals.py::test_a_rank_that_took_the_agreed_stop_is_not_stopped_by_its_own_first_"
+         "signal",),
+    ),
+    Mutation(
+        "projector_gets_the_vision_rate",
+        "with --train_vision_tower --train_projector --vision_learning_rate, Qwen2.5-VL's projector (inside the "
+        "vision tower) trains at the vision rate instead of --learning_rate",
+        "    if lora_args.train_projector and rates[family.projector] is None",
+        "    if False and rates[family.projector] is None",
+        ("tests/test_learning_rates.py::test_a_projector_inside_the_vision_tower_keeps_the_main_rate",),
+    ),
+    Mutation(
+        "data_splits_from_image_names",
+        "a data file beside images named like splits (images/train_0.png) belongs to no split and is refused",
+        "    patterns = datasets.data_files._get_data_files_patterns(data_only)",
+        "    patterns = datasets.data_files.get_data_patterns(str(folder))",
+        ("tests/test_daily_use.py::test_a_data_file_beside_an_images_folder_loads_the_file",),
+    ),
 ]
 
 

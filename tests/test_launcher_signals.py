@@ -257,3 +257,16 @@ def test_a_second_ctrl_c_stops_a_lone_run_at_once_in_one_line(assets, mixed_rows
     assert "Traceback" not in run.stderr and "KeyboardInterrupt" not in run.stderr
     assert checkpoints(output_dir) == ["checkpoint-2"]
     assert rlv.last_complete_checkpoint(output_dir) is None
+
+
+def test_a_rank_that_took_the_agreed_stop_is_not_stopped_by_its_own_first_signal(monkeypatch):
+    # A scheduler signals nodes a moment apart: a rank may take the others' stop at a step end before its own SIGTERM
+    # arrives. That SIGTERM is its first, not a second one: the checkpoint save must go on.
+    exits = []
+    monkeypatch.setattr(rlv.os, "_exit", exits.append)
+    handler = rlv.PreemptionHandler()
+    handler.signum = signal.SIGUSR1  # what on_step_end takes from the ranks' agreement
+    handler.request(signal.SIGTERM, None)
+    assert exits == [] and handler.exit_code == 143
+    handler.request(signal.SIGTERM, None)  # a second one of its own does stop it at once
+    assert exits == [128 + signal.SIGTERM]
