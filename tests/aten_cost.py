@@ -37,7 +37,6 @@ side is `python tests/aten_cost.py SPEC_JSON ARGV...`.
 import collections
 import json
 import os
-import socket
 import subprocess
 import sys
 import weakref
@@ -346,17 +345,12 @@ def cost_run(workdir: Path, argv: list, world_size: int = 1, inject: dict = None
     `inject`: {"step": kind} adds a deliberate host sync to the training loss of that optimizer step's micro-batches
     ("item": `loss.item()`; "bool_index": `labels[labels != -100]`), to show the counter sees them.
     """
-    from conftest import habana_double_env
+    from conftest import habana_double_env, local_ranks_env
 
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**habana_double_env(), "PT_HPU_LAZY_MODE": "1"}
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(HERE)])
-    if world_size > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env.update(WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    env.update(local_ranks_env(world_size))
     spec = json.dumps({"out": str(workdir), "inject": inject or {}, "script": str(script)})
     processes = []
     for rank in range(world_size):

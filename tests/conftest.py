@@ -198,6 +198,18 @@ def habana_double_env(hf_home=None) -> dict:
     return env
 
 
+def local_ranks_env(world_size: int) -> dict:
+    """The variables that make `world_size` processes started by hand (not by a launcher) one torch.distributed job
+    on this machine, at a free rendezvous port; none for one process."""
+    if world_size <= 1:
+        return {}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return {"WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+
+
 def run_training(argv):
     """The training path exactly as the command line takes it (`cli` minus the exit code): the trainer."""
     import run_lora_vlm

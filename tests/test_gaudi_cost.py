@@ -17,7 +17,6 @@ trainer logs, saves, evaluates or stops there. tests/benchmark.py section 6 prin
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -43,15 +42,10 @@ def cost_run(workdir: Path, argv: list, world_size: int = 1, script: Path = SCRI
     reaching one rank of a job).
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    from conftest import habana_double_env
+    from conftest import habana_double_env, local_ranks_env
 
     env = {**habana_double_env(), "PT_HPU_LAZY_MODE": "1"}
-    if world_size > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env.update(WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    env.update(local_ranks_env(world_size))
     spec = json.dumps({"script": str(script), "out": str(workdir), "sigterm_at": sigterm_at})
     processes = []
     for rank in range(world_size):

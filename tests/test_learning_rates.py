@@ -47,17 +47,20 @@ class StepRecorder(transformers.TrainerCallback):
             self.after = {name: p.detach().clone() for name, p in self.trainable()}
 
 
-def test_each_part_trains_at_its_own_rate_and_the_merged_processor_crops(assets, tmp_path, monkeypatch, caplog):
-    recorders = []
-    build_trainer = rlv.build_trainer
-
+def recording(build_trainer, recorders: list):
+    """build_trainer, with a StepRecorder added to each trainer it builds (and to `recorders`)."""
     def recording_build_trainer(*args, **kwargs):
         trainer = build_trainer(*args, **kwargs)
         recorders.append(StepRecorder(trainer.model))
         trainer.add_callback(recorders[-1])
         return trainer
 
-    monkeypatch.setattr(rlv, "build_trainer", recording_build_trainer)
+    return recording_build_trainer
+
+
+def test_each_part_trains_at_its_own_rate_and_the_merged_processor_crops(assets, tmp_path, monkeypatch, caplog):
+    recorders = []
+    monkeypatch.setattr(rlv, "build_trainer", recording(rlv.build_trainer, recorders))
     argv = train_argv(
         assets, tmp_path, "--do_train", "--max_train_samples", "4", "--per_device_train_batch_size", "4",
         "--max_steps", "1", "--optim", "sgd", "--lr_scheduler_type", "constant", "--weight_decay", "0",
@@ -133,15 +136,7 @@ def test_gaudi_trainer_trains_each_part_at_its_own_rate_with_its_fused_adamw(ass
 def gaudi_scenario(argv: list, out: str) -> None:
     """In the subprocess: train one step through build_trainer (GaudiTrainer here) and record what the test checks."""
     recorders = []
-    build_trainer = rlv.build_trainer
-
-    def recording_build_trainer(*args, **kwargs):
-        trainer = build_trainer(*args, **kwargs)
-        recorders.append(StepRecorder(trainer.model))
-        trainer.add_callback(recorders[-1])
-        return trainer
-
-    rlv.build_trainer = recording_build_trainer
+    rlv.build_trainer = recording(rlv.build_trainer, recorders)
     trainer = rlv.main(rlv.parse_args(argv))
     recorder, optimizer = recorders[0], trainer.optimizer
     rates_of = {}
