@@ -2501,19 +2501,15 @@ class PreemptionHandler(transformers.TrainerCallback):
             self.host_group = torch.distributed.new_group(backend="gloo")  # every rank calls this, in the same order
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.agreed_stop():
-            self.stopped_at_step = state.global_step
-            control.should_save = control.should_training_stop = True
-
-    def agreed_stop(self) -> int:
-        """The stop signal any rank received (0 for none), the same on every rank; ranks without a signal of their own
-        take it, so that every rank exits with the same code."""
         if self.host_group is not None:
+            # Ranks without a signal of their own take the agreed one, so that every rank exits with the same code.
             agreed = torch.tensor([self.signum], dtype=torch.int32)
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
             agreed_signum = int(agreed.item())
             self.signum = self.signum or agreed_signum
-        return self.signum
+        if self.signum:
+            self.stopped_at_step = state.global_step
+            control.should_save = control.should_training_stop = True
 
 
 def part_learning_rates(model, lora_args: LoraArguments, learning_rate: float) -> dict[str, float]:
@@ -2623,19 +2619,13 @@ def train_and_save(trainer, num_rows: int) -> None:
         # The Trainer adds each run's metrics to this file; a training started afresh starts it afresh.
         Path(args.output_dir, "all_results.json").unlink(missing_ok=True)
     preemption = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionHandler))
-    previous_handlers, stopped_after_training = preemption.install(), 0
+    previous_handlers = preemption.install()
     try:
         train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         if preemption.stopped_at_step is not None:
             # Every rank waits for the checkpoint: the first rank to exit would end an MPI job while rank 0 still
             # writes. Meanwhile a second signal still stops at once.
             trainer.accelerator.wait_for_everyone()
-        else:
-            # Still under the handlers: a stop asked for now lets the adapter be written whole, then ends the run.
-            trainer.save_model()
-            trainer.save_metrics("train", {**train_result.metrics, "train_samples": num_rows})
-            trainer.save_state()
-            stopped_after_training = preemption.agreed_stop()
     finally:
         preemption.restore(previous_handlers)
     if preemption.stopped_at_step is not None:
@@ -2643,11 +2633,10 @@ def train_and_save(trainer, num_rows: int) -> None:
                      f"{preemption.stopped_at_step} with a checkpoint in {args.output_dir}. "
                      "Resume with the same command.")
         raise SystemExit(preemption.exit_code)
-    if stopped_after_training:
-        logger.error(f"Stopped ({signal.Signals(stopped_after_training).name}) once training had ended: the adapter is "
-                     f"saved in {args.output_dir}, and what was to follow (evaluation, merging) did not run. The same "
-                     "flags without --do_train run it on that adapter.")
-        raise SystemExit(preemption.exit_code)
+    trainer.save_model()
+    metrics = {**train_result.metrics, "train_samples": num_rows}
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
 
 
 # ---------------------------------------------------------------------------------------------------

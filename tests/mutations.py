@@ -268,15 +268,6 @@ MUTATIONS = [
         "    patterns = datasets.data_files.get_data_patterns(str(folder))",
         ("tests/test_daily_use.py::test_a_data_file_beside_an_images_folder_loads_the_file",),
     ),
-    Mutation(
-        "stop_after_training_ignored",
-        "a SIGTERM that arrives as the finished training saves its adapter is ignored: the evaluation starts anyway "
-        "and the scheduler kills it",
-        "            stopped_after_training = preemption.agreed_stop()",
-        "            stopped_after_training = 0",
-        ("tests/test_launcher_signals.py::test_a_stop_during_the_final_save_keeps_the_adapter_whole_and_skips_"
-         "evaluation",),
-    ),
 ]
 
 

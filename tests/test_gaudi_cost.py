@@ -97,7 +97,7 @@ def test_the_script_reads_no_device_value_between_sync_points_on_hpu(two_ranks):
         # The counter does see the script's reads: the non-finite check at the logging step reads the flag.
         assert result["steps"][3]["sync_point"] and result["steps"][3]["script_reads"] >= 1
         # Preemption is still agreed on after every step, host to host.
-        assert [s["host_collective_reads"] for s in result["steps"]] == [1] * len(result["steps"])
+        assert all(s["host_collective_reads"] == 1 for s in result["steps"]), result["steps"]
 
 
 def test_one_rank_preempted_stops_every_rank_at_the_same_step(two_ranks):

@@ -20,7 +20,6 @@ import time
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 
 import run_lora_vlm as rlv
@@ -271,26 +270,3 @@ def test_a_rank_that_took_the_agreed_stop_is_not_stopped_by_its_own_first_signal
     assert exits == [] and handler.exit_code == 143
     handler.request(signal.SIGTERM, None)  # a second one of its own does stop it at once
     assert exits == [128 + signal.SIGTERM]
-
-
-def test_a_stop_during_the_final_save_keeps_the_adapter_whole_and_skips_evaluation(assets, tmp_path, monkeypatch,
-                                                                                  caplog):
-    # A scheduler's SIGTERM as the finished training writes its adapter: the adapter is written whole, then the run
-    # ends (exit 143) instead of starting an evaluation the scheduler would kill.
-    save_model = transformers.Trainer.save_model
-
-    def signalled_save_model(self, *args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return save_model(self, *args, **kwargs)
-
-    monkeypatch.setattr(transformers.Trainer, "save_model", signalled_save_model)
-    argv = train_argv(assets, tmp_path, "--do_train", "--do_eval", "--max_steps", "2", "--max_eval_samples", "4")
-    with caplog.at_level("ERROR"), pytest.raises(SystemExit) as exited:
-        rlv.main(rlv.parse_args(argv))
-    assert exited.value.code == 143
-    assert "Stopped (SIGTERM) once training had ended" in caplog.text
-    assert not (tmp_path / "eval_results.json").exists()
-    monkeypatch.setattr(transformers.Trainer, "save_model", save_model)
-    # The adapter is whole: the same flags without --do_train evaluate it.
-    assert rlv.cli([word for word in argv if word != "--do_train"]) == 0
-    assert (tmp_path / "eval_results.json").exists()
