@@ -628,7 +628,8 @@ def main(args: ScriptArguments) -> Trainer:
     # Every selected row checked before the model loads (bad rows stop the run, or are dropped); buckets from lengths.
     splits = validate_rows(encoder, splits, skipped_rows, training_args, model_args.cache_dir)
     settle_length_buckets(encoder, splits, training_args)
-    collator = VisionChatCollator(encoder, data_args, skipped_rows, hpu_model_inputs(training_args, family))
+    image_rows = gaudi_image_rows_per_row(encoder, splits, training_args)
+    collator = VisionChatCollator(encoder, data_args, skipped_rows, hpu_model_inputs(training_args, family), image_rows)
     if training_args.should_log:
         log_trained_sample(collator, splits)
 
@@ -643,7 +644,8 @@ def main(args: ScriptArguments) -> Trainer:
     trainer = build_trainer(model, training_args, model_args, args.run, processor, splits, collator, args.lora)
 
     # Train, stopping cleanly on SIGTERM or Ctrl-C; an evaluation of the untouched model first, if asked.
-    generator = GenerationEvaluator.for_run(encoder, skipped_rows, args) if args.evaluation.generation_eval else None
+    generator = (GenerationEvaluator.for_run(encoder, skipped_rows, args, image_rows)
+                 if args.evaluation.generation_eval else None)
     before = {}
     if trains:
         if training_args.do_eval and args.evaluation.eval_before_training:
@@ -993,6 +995,7 @@ class IndexedRows(torch.utils.data.Dataset):
     split: str
     row_indices: np.ndarray
     token_lengths: Optional[np.ndarray] = None  # the rows' lengths in tokens, once the validation pass measured them
+    image_sequences: Optional[np.ndarray] = None  # and their image sequences (images and --pan_and_scan crops)
 
     def __len__(self) -> int:
         return len(self.row_indices)
@@ -1322,7 +1325,7 @@ def validate_rows(encoder: ChatEncoder, splits: dict, skipped_rows: SkippedRows,
     """--validate_rows full: before the model loads, check every selected row as the collator encodes it (image headers,
     no pixels; cached by the rows' fingerprint) and report all bad rows at once: --invalid_rows error stops; skip drops
     them from the row index (so epochs, max_steps and rank shares count good rows only) and lists them in
-    skipped_rows.json. Returns the splits with their rows' token lengths."""
+    skipped_rows.json. Returns the splits with their rows' token lengths and image sequences."""
     if encoder.data_args.validate_rows == "none":
         return splits
     cache = Path(cache_dir or datasets.config.HF_DATASETS_CACHE, "run_lora_vlm_row_checks")
@@ -1336,8 +1339,8 @@ def validate_rows(encoder: ChatEncoder, splits: dict, skipped_rows: SkippedRows,
         if not good.all():
             details = checked[name]["detail"]
             bad_rows += [(rows.split, int(rows.row_indices[i]), reasons[i], details[i]) for i in np.flatnonzero(~good)]
-        lengths = np.asarray(checked[name]["length"])[good]
-        valid[name] = IndexedRows(rows.dataset, rows.split, rows.row_indices[good], lengths)
+        lengths, sequences = (np.asarray(checked[name][column])[good] for column in ("length", "image_sequences"))
+        valid[name] = IndexedRows(rows.dataset, rows.split, rows.row_indices[good], lengths, sequences)
     total = sum(len(rows) for rows in splits.values())
     if not bad_rows:
         logger.info(f"Checked {total} rows: all valid.")
@@ -1369,7 +1372,7 @@ def describe_bad_rows(bad_rows: list[tuple], total: int) -> str:
 
 
 ROW_CHECK_FEATURES = datasets.Features({"reason": datasets.Value("string"), "detail": datasets.Value("string"),
-                                        "length": datasets.Value("int32")})
+                                        "length": datasets.Value("int32"), "image_sequences": datasets.Value("int32")})
 # Flags that change nothing a row check finds; a rerun that changes only them (say, to --invalid_rows skip after an
 # error report) reads the cached checks.
 ROW_CHECK_UNUSED_FLAGS = ("padding_strategy", "length_buckets", "invalid_rows", "validate_rows")
@@ -1384,7 +1387,7 @@ def check_split(encoder: ChatEncoder, rows: IndexedRows, cache: Path) -> dataset
     columns = [c for c in (schema.image_column, schema.text_column, schema.target_column) if c]
     selected = rows.dataset.select(rows.row_indices).select_columns(columns)
     if len(selected) == 0:
-        return datasets.Dataset.from_dict({"reason": [], "detail": [], "length": []}, features=ROW_CHECK_FEATURES)
+        return datasets.Dataset.from_dict({name: [] for name in ROW_CHECK_FEATURES}, features=ROW_CHECK_FEATURES)
     fingerprint = row_check_fingerprint(encoder, selected)
     processes = min(cores_of_this_rank(), len(selected) // ROWS_PER_CHECK_PROCESS, MAX_CHECK_PROCESSES)
     caching = datasets.is_caching_enabled()
@@ -1449,7 +1452,8 @@ def file_stamp(name: str, base_dir: Optional[Path]) -> tuple:
 class RowChecker:
     """The datasets.map function of the validation pass: per row, the canonical chat and its texts
     (ChatEncoder.rendered_chat), each image's header, and the length in tokens (the chat tokenized with one image token
-    per image, plus each image's other tokens). Returns each row's reason and detail ("" if valid) and length."""
+    per image, plus each image's other tokens). Returns each row's reason and detail ("" if valid), its length, and its
+    image sequences (each image's and its crops': the pixel_values rows it brings where images have one fixed size)."""
 
     def __init__(self, encoder: ChatEncoder):
         self.encoder = encoder
@@ -1458,7 +1462,7 @@ class RowChecker:
     def __call__(self, batch: dict) -> dict:
         encoder = self.encoder
         size = len(next(iter(batch.values())))
-        result = {"reason": [""] * size, "detail": [""] * size, "length": [0] * size}
+        result = {"reason": [""] * size, "detail": [""] * size, "length": [0] * size, "image_sequences": [0] * size}
         measured = []
         for position in range(size):
             try:
@@ -1481,6 +1485,7 @@ class RowChecker:
         for (position, text, spans, images), ids, offsets in zip(measured, encoded.input_ids, encoded.offset_mapping):
             try:
                 result["length"][position] = self.length(text, spans, images, np.asarray(ids), offsets)
+                result["image_sequences"][position] = sum(len(sequences) for sequences, _ in images)
             except InvalidRowError as e:
                 result["reason"][position], result["detail"][position] = e.reason, e.detail
         return result
@@ -1691,6 +1696,7 @@ class ChatEncoder:
         self.crop_settings = apply_pan_and_scan(processor, family, data_args)  # {} without --pan_and_scan
         self.image_kwargs.update(self.crop_settings)
         self.crop_expansions = {}  # number of crops -> what the processor writes for an image with that many
+        self.pixel_row_shape = None  # one image's pixel_values row, read from the processor on first use
         # What a row's text must not hold: strings the processor reads as an image, and the tokenizer's markup
         # (<bos>, <eos>, <pad>, <unk> and the special tokens the chat template writes, e.g. <end_of_turn>). Other
         # special tokens are text a row may train on, e.g. Qwen2.5-VL's <|box_start|> in grounding data.
@@ -1861,6 +1867,25 @@ class ChatEncoder:
                 inputs[key] = torch.as_tensor(np.stack([np.asarray(processed[key][j]) for j in kept]))
         return inputs
 
+    def pad_images(self, batch, image_rows: int) -> None:
+        """Fill the batch's pixel_values up to `image_rows` rows with blank images, appended after the real ones: the
+        model gives image tokens the image features in order (a masked_scatter), so no token reads a blank one."""
+        pixels = batch.get("pixel_values")
+        present = 0 if pixels is None else len(pixels)
+        if present > image_rows:
+            raise RuntimeError(f"A batch of length {batch['input_ids'].shape[1]} has {present} pixel_values rows, more "
+                               f"than the {image_rows} gaudi_image_rows_per_row allows it.")
+        if present < image_rows:
+            blank = self.blank_pixel_rows(image_rows - present)
+            batch["pixel_values"] = blank if pixels is None else torch.cat([pixels, blank])
+
+    def blank_pixel_rows(self, count: int) -> torch.Tensor:
+        """`count` rows of pixel_values as this processor shapes an image (fixed-size families), all zero."""
+        if self.pixel_row_shape is None:
+            blank = self.processor.image_processor(Image.new("RGB", (32, 32)), return_tensors="np", do_pan_and_scan=False)
+            self.pixel_row_shape = blank["pixel_values"].shape[1:]
+        return torch.zeros((count, *self.pixel_row_shape), dtype=torch.float32)
+
     def stand_in_row(self) -> EncodedRow:
         """A one-token row with nothing trained (<bos>, or <pad> without one), for a batch whose rows were all skipped:
         no batch would crash the trainer, and on several ranks leave the others waiting in the gradient all-reduce."""
@@ -1952,15 +1977,16 @@ class VisionChatCollator:
     """Turns dataset rows into model batches that train on assistant tokens only, encoding them per batch (the
     validation pass only checks them). Beyond the encoder: bad rows it still finds (undecodable pixels, or any with
     --validate_rows none) stop the run or are dropped (--invalid_rows); --max_seq_length; padding to the lengths
-    --padding_strategy allows."""
+    --padding_strategy allows, and on Gaudi the images to a number fixed per length (gaudi_image_rows_per_row)."""
 
     def __init__(self, encoder: ChatEncoder, data_args: DataArguments, skipped_rows: SkippedRows,
-                 extra_model_inputs: Optional[dict] = None):
+                 extra_model_inputs: Optional[dict] = None, image_rows_per_row: Optional[dict[int, int]] = None):
         self.encoder = encoder
         self.data_args = data_args
         self.skipped_rows = skipped_rows
         # Forward keyword arguments the trainer passes on with every batch (Gemma 3's HPU attention options).
         self.extra_model_inputs = extra_model_inputs or {}
+        self.image_rows_per_row = image_rows_per_row  # padded length -> pixel_values rows per batch row, or None
 
     def __call__(self, features: list[dict]) -> dict:
         try:
@@ -2044,6 +2070,8 @@ class VisionChatCollator:
         kept_images = [j for row in rows for j in range(row.image_slice.start, row.image_slice.stop)]
         if kept_images:
             batch.update(self.encoder.image_inputs(processed, kept_images))
+        if self.image_rows_per_row is not None:
+            self.encoder.pad_images(batch, len(rows) * self.image_rows_per_row[length])
         # Which rows these are, for error messages; taken out before the model's forward (TrainingLossMonitor).
         batch["row_ids"] = torch.tensor([row.row_index for row in rows], dtype=torch.long)
         # The model computes logits only where the loss needs them (causal_lm_loss).
@@ -2681,7 +2709,7 @@ class GenerationEvaluator:
 
     def __init__(self, encoder: ChatEncoder, skipped_rows: SkippedRows, eval_args: EvaluationArguments,
                  batch_size: int = 8, prompt_lengths: Optional[list[int]] = None,
-                 generate_options: Optional[dict] = None):
+                 generate_options: Optional[dict] = None, image_rows_per_prompt: Optional[int] = None):
         self.encoder = encoder
         self.skipped_rows = skipped_rows
         self.max_new_tokens = eval_args.generation_max_new_tokens
@@ -2690,16 +2718,22 @@ class GenerationEvaluator:
         # Static shapes (Gaudi lazy mode): prompts are left-padded to one of these lengths, one graph each.
         self.prompt_lengths = prompt_lengths
         self.generate_options = generate_options or {}
+        # Gaudi: pixel_values rows each prompt is padded to with blank images (ChatEncoder.pad_images), or None.
+        self.image_rows_per_prompt = image_rows_per_prompt
         self.end_of_turn = end_of_turn_token_id(encoder.processor)
         self.prompt_shapes = collections.Counter()
         self.predictions_written = False
 
     @classmethod
-    def for_run(cls, encoder: ChatEncoder, skipped_rows: SkippedRows, args: ScriptArguments) -> GenerationEvaluator:
-        """The evaluator of --generation_eval: batches and lengths as in evaluation, HPU options on Gaudi."""
+    def for_run(cls, encoder: ChatEncoder, skipped_rows: SkippedRows, args: ScriptArguments,
+                image_rows_per_row: Optional[dict[int, int]] = None) -> GenerationEvaluator:
+        """The evaluator of --generation_eval: batches and lengths as in evaluation, HPU options on Gaudi; with
+        gaudi_image_rows_per_row's numbers, every prompt's images padded to the most of any row (one pixel shape: a
+        prompt is shorter than its row, so the number for its own length would not hold its images)."""
         prompt_lengths = args.data.length_buckets if args.data.padding_strategy == "bucket" else None
+        image_rows = max(image_rows_per_row.values()) if image_rows_per_row and prompt_lengths else None
         return cls(encoder, skipped_rows, args.evaluation, args.training.per_device_eval_batch_size, prompt_lengths,
-                   hpu_generation_options(args.training))
+                   hpu_generation_options(args.training), image_rows)
 
     def generate(self, model, features: list[dict]) -> list[dict]:
         prepared = []
@@ -2716,7 +2750,10 @@ class GenerationEvaluator:
         images = [p[2] for p in prepared] + [prepared[-1][2]] * fill
         # Left padding: generation continues every row from the same position.
         inputs = self.encoder.process(texts, images, padding_side="left", return_tensors="pt")
-        inputs = self.pad_prompts(inputs).to(model.device)
+        inputs = self.pad_prompts(inputs)
+        if self.image_rows_per_prompt:
+            self.encoder.pad_images(inputs, len(texts) * self.image_rows_per_prompt)
+        inputs = inputs.to(model.device)
         self.prompt_shapes[tuple(inputs["input_ids"].shape)] += 1
         with torch.no_grad():
             output = hpu_generation_model(model, self.generate_options).generate(
@@ -3189,6 +3226,36 @@ def llava_next_gaudi_image_size(encoder: ChatEncoder, config, height: int, width
 # model_type -> the fixed image size on Gaudi for a median (height, width); families absent here resize every image
 # to one size themselves.
 GAUDI_IMAGE_SIZES = {"qwen2_5_vl": qwen2_5_vl_gaudi_image_size, "llava_next": llava_next_gaudi_image_size}
+
+
+def gaudi_image_rows_per_row(encoder: ChatEncoder, splits: dict, training_args) -> Optional[dict[int, int]]:
+    """On Gaudi in lazy mode, for Gemma 3 (one pixel_values row per image and per --pan_and_scan crop, all of one size):
+    {padded length: pixel_values rows per batch row}, so that the collator pads the images of every batch of a length
+    to one number (ChatEncoder.pad_images) and the step signatures stay one per length, not one per number of
+    images and crops; logged. A batch padded to length L holds rows of at most L tokens: the most image sequences of
+    any row that short, as the validation pass counted them, or with --validate_rows none the most that L tokens
+    hold. None elsewhere, or where lengths are not fixed (--padding_strategy longest). Blank images cost the vision
+    tower's time only: no token reads them, which needs the port's static_image_placeholder_mask (upstream's
+    get_placeholder_mask refuses features no token reads)."""
+    data_args = encoder.data_args
+    on_lazy_gaudi = getattr(training_args, "use_habana", False) and training_args.use_lazy_mode
+    if not (on_lazy_gaudi and encoder.family.hpu_attention_options) or data_args.padding_strategy == "longest":
+        return None
+    padded = data_args.length_buckets if data_args.padding_strategy == "bucket" else [data_args.max_seq_length]
+    measured = [(rows.token_lengths, rows.image_sequences) for rows in splits.values()]
+    if all(lengths is not None for lengths, _ in measured):
+        lengths = np.minimum(np.concatenate([lengths for lengths, _ in measured]), data_args.max_seq_length)
+        sequences = np.concatenate([sequences for _, sequences in measured])
+        per_row = {length: int(sequences[lengths <= length].max(initial=0)) for length in padded}
+        source = "as the rows of each length have at most"
+    else:
+        per_row = {length: length // encoder.processor.image_seq_length for length in padded}  # tokens per image
+        source = "as many as each length holds"
+    if any(per_row.values()):
+        counts = ", ".join(f"{images} at length {length}" for length, images in per_row.items())
+        logger.info(f"On Gaudi, blank images pad each batch row's images and crops to {counts}, {source}, so that "
+                    "image shapes stay static.")
+    return per_row
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -268,6 +268,21 @@ MUTATIONS = [
         "    patterns = datasets.data_files.get_data_patterns(str(folder))",
         ("tests/test_daily_use.py::test_a_data_file_beside_an_images_folder_loads_the_file",),
     ),
+    Mutation(
+        "gaudi_images_not_padded",
+        "on Gaudi, batches of one length with different numbers of images and crops have different pixel shapes: a "
+        "lazy-mode compile for each",
+        "        if present < image_rows:",
+        "        if False:",
+        ("tests/test_gaudi_library_cost.py::test_gemma3_crops_keep_one_image_shape_per_length_bucket",),
+    ),
+    Mutation(
+        "gaudi_blank_images_first",
+        "on Gaudi, the blank images padding a batch come before the real ones: image tokens read blanks",
+        'batch["pixel_values"] = blank if pixels is None else torch.cat([pixels, blank])',
+        'batch["pixel_values"] = blank if pixels is None else torch.cat([blank, pixels])',
+        ("tests/test_gaudi_gemma3_attention.py::test_blank_images_padding_a_batch_on_gaudi_change_nothing",),
+    ),
 ]
 
 

@@ -303,6 +303,15 @@ def test_generation_without_the_product_masks_differs(compared):
     assert r["tokens"] != r["expected_tokens"]
 
 
+def test_blank_images_padding_a_batch_on_gaudi_change_nothing(compared):
+    """On Gaudi the collator pads a batch's images with blank ones (gaudi_image_rows_per_row): appended, no image token
+    reads them, with the product's placeholder mask on the port."""
+    r = compared["blank_images"]
+    assert r["max_logit_diff"] <= ATOL and r["loss_diff"] <= ATOL and r["max_grad_diff"] <= ATOL
+    # Put before the real images, the blanks would be what the first image tokens read.
+    assert compared["blank_images_first"]["max_logit_diff"] > CLEARLY_DIFFERENT
+
+
 def test_text_only_rows_match_too(compared):
     """No image: only the sliding window and padding shape the masks."""
     r = compared["text_only"]
@@ -531,6 +540,21 @@ def _placeholder_replacement(port, images):
             "image_tokens": int((batch["input_ids"] == gemma3_model.config.image_token_id).sum())}
 
 
+BLANK_IMAGES = 3
+
+
+def _with_blank_images(inputs, first=False):
+    """The batch with BLANK_IMAGES blank images added by the encoder's own pad_images (appended), or put first."""
+    batch = dict(inputs["batch"])
+    pixels = batch["pixel_values"]
+    encoder = SimpleNamespace(blank_pixel_rows=lambda count: torch.zeros(count, *pixels.shape[1:]))
+    run_lora_vlm.ChatEncoder.pad_images(encoder, batch, len(pixels) + BLANK_IMAGES)
+    assert batch["pixel_values"].shape[0] == len(pixels) + BLANK_IMAGES
+    if first:
+        batch["pixel_values"] = batch["pixel_values"].roll(BLANK_IMAGES, dims=0)
+    return {**inputs, "batch": batch}
+
+
 def _fused_sdpa_mask_dtype_error():
     from habana_frameworks.torch.hpex.kernels import FusedSDPA
 
@@ -588,6 +612,8 @@ def scenario(work):
     }.items():
         res["variants"][variant] = run(images, **flags)
     res["text_only"] = run(text_only, use_flash_attention=True)
+    res["blank_images"] = run(_with_blank_images(images), use_flash_attention=True)
+    res["blank_images_first"] = run(_with_blank_images(images, first=True), use_flash_attention=True)
     causal = run(images, use_flash_attention=True, flash_attention_causal_mask=True)
     res["causal_mask_flag"] = {
         **causal, "fused_causal_calls": sum(c["is_causal"] and c["mask_shape"] is None for c in causal["fused_calls"])

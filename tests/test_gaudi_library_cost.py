@@ -119,3 +119,31 @@ def test_dynamic_resolution_families_get_one_image_size_on_gaudi(family_models, 
     # The shape log names the image shapes.
     pixels = "x".join(map(str, train[0]["inputs"]["pixel_values"][0]))
     assert "1 distinct train batch shapes (" in log and f"pixel_values {pixels}" in log
+
+
+def test_gemma3_crops_keep_one_image_shape_per_length_bucket(assets, tmp_path_factory):
+    """--pan_and_scan on charts of four shapes (4, 0, 2 and 2 crops): the number of images and crops varies from row to
+    row, and on Gaudi blank images pad each batch's to a number fixed per length bucket, logged."""
+    import re
+
+    folder = tmp_path_factory.mktemp("gemma3_crops")
+    charts = aten_cost.varied_image_sizes(assets["dataset"], folder / "charts",
+                                          sizes=((64, 256), (64, 64), (64, 128), (96, 64)))
+    argv = aten_cost.run_flags(assets["model"], charts, folder / "out", "--do_train", "--max_train_samples", "8",
+                               "--per_device_train_batch_size", "2", "--max_steps", "4", "--pan_and_scan",
+                               "--pan_and_scan_min_crop_size", "16")
+    (result,) = aten_cost.cost_run(folder, argv)
+    log = (folder / "rank0.log").read_text()
+    assert result["exit_code"] == 0, log[-3000:]
+    logged = re.search(r"blank images pad each batch row's images and crops to (.*), as the rows", log)
+    assert logged, log[-3000:]
+    per_row = {int(length): int(images) for images, length in re.findall(r"(\d+) at length (\d+)", logged.group(1))}
+    buckets = result["length_buckets"]
+    assert sorted(per_row) == buckets and len(set(per_row.values())) >= 2, per_row
+    train = result["batches"]["train"]
+    assert len(train) == 4
+    for batch in train:
+        rows, length = batch["inputs"]["input_ids"][0]
+        assert batch["inputs"]["pixel_values"][0][0] == rows * per_row[length], batch["inputs"]
+    per_epoch = aten_cost.signatures_per_epoch(train)
+    assert list(per_epoch) == [1] and per_epoch[1] <= len(buckets)

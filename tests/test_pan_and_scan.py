@@ -111,9 +111,12 @@ def test_validation_pass_length_equals_the_collated_length(fresh_processor):
             {"image": png(noise_image(48, 150, 3)), "question": "Is A taller than B?", "answer": "Yes, by 2"}]
     collator = collator_for(processor)
     checked = rlv.RowChecker(collator.encoder)({column: [row[column] for row in rows] for column in rows[0]})
-    collated = [int(collator([feature(row, i)])["attention_mask"].sum()) for i, row in enumerate(rows)]
+    batches = [collator([feature(row, i)]) for i, row in enumerate(rows)]
+    collated = [int(batch["attention_mask"].sum()) for batch in batches]
     assert checked["reason"] == ["", "", ""]
     assert checked["length"] == collated
+    # Its image sequences are the pixel_values rows each row brings: 4, 0 and 3 crops besides each image.
+    assert checked["image_sequences"] == [len(batch["pixel_values"]) for batch in batches] == [5, 1, 4]
     # Without crops the same rows are shorter by the crops' image sequences and the processor's crop wording.
     plain = make_collator(processor, script_args().data, ("image", "question", "answer"))
     plain_lengths = [int(plain([feature(row, i)])["attention_mask"].sum()) for i, row in enumerate(rows)]
@@ -195,3 +198,50 @@ def test_one_question_mode_generates_from_the_image_and_its_crops(assets, tmp_pa
     assert rlv.cli(argv) == 0, capsys.readouterr().err[-2000:]
     assert seen == [((1 + 4, 3, 32, 32), (1 + 4) * 4)]
     assert capsys.readouterr().out.count("\n") == 1
+
+
+def test_blank_pixel_rows_are_shaped_as_the_processor_shapes_an_image_or_crop(fresh_processor):
+    encoder = collator_for(fresh_processor).encoder
+    crops = fresh_processor.image_processor(noise_image(256, 64), return_tensors="pt", **PROCESSOR_CROP_KWARGS)
+    blank = encoder.blank_pixel_rows(3)
+    assert blank.shape == (3, *crops["pixel_values"].shape[1:]) and blank.dtype == crops["pixel_values"].dtype
+    assert not blank.any()
+
+
+def test_gaudi_image_rows_follow_the_lengths_and_the_rows_images(fresh_processor):
+    from types import SimpleNamespace
+
+    encoder = collator_for(fresh_processor, "--length_buckets", "32", "64", "1024", "--padding_strategy",
+                           "bucket").encoder
+    lazy_gaudi = SimpleNamespace(use_habana=True, use_lazy_mode=True)
+    measured = rlv.IndexedRows(None, "train", np.arange(4), np.array([30, 50, 60, 2000]), np.array([1, 0, 3, 2]))
+    # A row longer than --max_seq_length is cut to it, its images kept.
+    assert rlv.gaudi_image_rows_per_row(encoder, {"train": measured}, lazy_gaudi) == {32: 1, 64: 3, 1024: 3}
+    unmeasured = rlv.IndexedRows(None, "train", np.arange(4))
+    # Without measured rows: as many images as the length holds (image_seq_length tokens each, 4 in the tiny model).
+    assert rlv.gaudi_image_rows_per_row(encoder, {"train": unmeasured}, lazy_gaudi) == {32: 8, 64: 16, 1024: 256}
+    assert rlv.gaudi_image_rows_per_row(encoder, {"train": measured}, SimpleNamespace(use_habana=True,
+                                                                                      use_lazy_mode=False)) is None
+
+
+def test_gaudi_generation_pads_every_prompt_batch_to_one_pixel_shape(fresh_processor):
+    from transformers import GenerationConfig
+
+    encoder = collator_for(fresh_processor).encoder
+    evaluator = rlv.GenerationEvaluator(encoder, rlv.SkippedRows(None, "error"), script_args().evaluation,
+                                        batch_size=2, prompt_lengths=[64, 128], image_rows_per_prompt=5)
+    images_seen = []
+
+    class RecordingModel:
+        device = torch.device("cpu")
+        generation_config = GenerationConfig(eos_token_id=1)
+
+        def generate(self, **inputs):
+            images_seen.append(len(inputs["pixel_values"]))
+            return inputs["input_ids"]
+
+    wide, square = noise_image(256, 64, 1), noise_image(64, 64, 2)  # 4 crops and none
+    rows = [{"image": image, "question": "Which bar?", "answer": "B"} for image in (wide, square, square)]
+    evaluator.generate(RecordingModel(), [feature(rows[0], 0), feature(rows[1], 1)])  # 5 + 1 images
+    evaluator.generate(RecordingModel(), [feature(rows[2], 2)])  # 1 image, its copy filling the batch: 2
+    assert images_seen == [2 * 5, 2 * 5]
