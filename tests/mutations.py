@@ -268,6 +268,30 @@ MUTATIONS = [
         "    patterns = datasets.data_files.get_data_patterns(str(folder))",
         ("tests/test_daily_use.py::test_a_data_file_beside_an_images_folder_loads_the_file",),
     ),
+    Mutation(
+        "pack_rows_see_each_other",
+        "with --packing an all-ones attention_mask goes with each pack: transformers then reads no row boundaries "
+        "from position_ids and every row attends to the rows before it in its pack",
+        '        batch["use_cache"] = False\n',
+        '        batch["use_cache"] = False\n        batch["attention_mask"] = torch.ones_like(batch["input_ids"])\n',
+        ("tests/test_packing.py::test_a_pack_gives_the_loss_and_lora_gradients_of_its_rows_run_alone",),
+    ),
+    Mutation(
+        "pack_labels_cross_rows",
+        "with --packing each row's first token is a target of the previous row's last token: a label across a row "
+        "boundary, trained on and counted",
+        "                labels[0] = IGNORE_INDEX\n",
+        "                labels[0] = int(row.input_ids[0])\n",
+        ("tests/test_packing.py::test_a_pack_gives_the_loss_and_lora_gradients_of_its_rows_run_alone",),
+    ),
+    Mutation(
+        "pack_positions_run_on",
+        "with --packing positions run on through the pack instead of restarting at each row (and the rows, found from "
+        "position_ids, are no longer kept apart)",
+        "positions[i, start:end] = torch.arange(end - start)",
+        "positions[i, start:end] = torch.arange(start, end)",
+        ("tests/test_packing.py::test_a_pack_gives_the_loss_and_lora_gradients_of_its_rows_run_alone",),
+    ),
 ]
 
 
