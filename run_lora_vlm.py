@@ -2220,8 +2220,8 @@ class VisionChatCollator:
         indices at :619-643), for Gemma 3 (whose image blocks and sliding window then apply within each row,
         modeling_gemma3.py:906-929), LLaVA-NeXT's language model and Qwen2.5-VL (from the first of its 4-row
         position_ids, modeling_qwen2_5_vl.py:876-891); flash_attention_2 on CUDA reads the same position_ids as
-        varlen boundaries, for one pack per batch (modeling_flash_attention_utils.py:439-452, settle_defaults); on Gaudi, Gemma 3's reference masks compare the same
-        boundaries (gemma3_reference_attention_masks). A row's first label is never a target: alone, nothing predicts
+        varlen boundaries, for one pack per batch (modeling_flash_attention_utils.py:439-452, settle_defaults); on
+        Gaudi, Gemma 3's reference masks compare the same boundaries (gemma3_reference_attention_masks). A row's first label is never a target: alone, nothing predicts
         it; packed, the previous row's last token would. `row_ids` holds each token's row (-1: padding)."""
         length = self.data_args.packing_length
         grouped = [[row for row in rows if row.pack == number] or [self.encoder.stand_in_row()]

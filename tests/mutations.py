@@ -292,6 +292,14 @@ MUTATIONS = [
         "positions[i, start:end] = torch.arange(start, end)",
         ("tests/test_packing.py::test_a_pack_gives_the_loss_and_lora_gradients_of_its_rows_run_alone",),
     ),
+    Mutation(
+        "gemma3_hpu_pack_rows_see_each_other",
+        "with --packing on Gaudi, Gemma 3's reference masks (FusedSDPA) leave out the row boundaries: every row attends "
+        "to the rows before it in its pack",
+        "        key_present = key_present & (rows.view(batch, 1, length, 1) == rows.view(batch, 1, 1, length))\n",
+        "        pass\n",
+        ("tests/test_gaudi_gemma3_attention.py::test_a_pack_on_the_port_matches_its_rows_unpacked_upstream",),
+    ),
 ]
 
 

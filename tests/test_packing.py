@@ -102,7 +102,8 @@ def _packed(model, batch):
     loss = rlv.causal_lm_loss(outputs, labels)
     loss.backward()
     token_losses, _ = rlv.next_token_losses(outputs, labels)
-    targets = torch.nn.functional.pad(batch["row_ids"][:, 1:], (0, 1), value=-1).index_select(1, batch["logits_to_keep"])
+    targets = torch.nn.functional.pad(batch["row_ids"][:, 1:], (0, 1), value=-1)
+    targets = targets.index_select(1, batch["logits_to_keep"])
     per_row = [token_losses[targets == row].sum().item() for row in range(int(batch["row_ids"].max()) + 1)]
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.item(), per_row, grads
@@ -134,7 +135,8 @@ def test_a_pack_gives_the_loss_and_lora_gradients_of_its_rows_run_alone(name, fa
     assert abs(loss - reference_loss) <= ATOL, (loss, reference_loss)
     assert np.allclose(rows, reference_rows, rtol=0, atol=ATOL), (rows, reference_rows)
     largest = max(g.abs().max().item() for g in reference_grads.values())
-    assert _max_grad_diff(grads, reference_grads) <= GRAD_RTOL * largest, (_max_grad_diff(grads, reference_grads), largest)
+    difference = _max_grad_diff(grads, reference_grads)
+    assert difference <= GRAD_RTOL * largest, (difference, largest)
     assert largest > 100 * ATOL  # not all ~0
 
 
