@@ -2221,8 +2221,9 @@ class VisionChatCollator:
         modeling_gemma3.py:906-929), LLaVA-NeXT's language model and Qwen2.5-VL (from the first of its 4-row
         position_ids, modeling_qwen2_5_vl.py:876-891); flash_attention_2 on CUDA reads the same position_ids as
         varlen boundaries, for one pack per batch (modeling_flash_attention_utils.py:439-452, settle_defaults); on
-        Gaudi, Gemma 3's reference masks compare the same boundaries (gemma3_reference_attention_masks). A row's first label is never a target: alone, nothing predicts
-        it; packed, the previous row's last token would. `row_ids` holds each token's row (-1: padding)."""
+        Gaudi, Gemma 3's reference masks compare the same boundaries (gemma3_reference_attention_masks). A row's
+        first label is never a target: alone, nothing predicts it; packed, the previous row's last token would.
+        `row_ids` holds each token's row (-1: padding); no cache (use_cache False), see below."""
         length = self.data_args.packing_length
         grouped = [[row for row in rows if row.pack == number] or [self.encoder.stand_in_row()]
                    for number in range(num_packs)]
