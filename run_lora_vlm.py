@@ -36,6 +36,7 @@ A single `.json` file holding the same keys may replace all the flags.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -53,6 +54,7 @@ import re
 import shutil
 import signal
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -70,6 +72,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, set_seed
 from transformers import Trainer, TrainingArguments
 from transformers.image_transforms import convert_to_rgb
+from transformers.masking_utils import find_packed_sequence_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils.versions import require_version
 
@@ -169,6 +172,14 @@ class DataArguments:
                                                     "the processor's).")
     pan_and_scan_min_ratio: Optional[float] = arg(None, "Aspect ratio (long side / short side) from which "
                                                   "--pan_and_scan crops an image (default: the processor's).")
+    packing: bool = arg(
+        False, "Training and evaluation-loss batches of packs: whole rows laid end to end (best fit, decreasing, "
+        "within a seeded shuffled window), each row attending only to itself, positions restarting at each row; "
+        "--per_device_*_batch_size then counts packs. Generation is not packed. Needs --validate_rows full.")
+    packing_length: Optional[int] = arg(
+        None, "Tokens per pack with --packing (one fixed shape). Default: chosen from the rows' measured lengths, the "
+        "shortest multiple of 16 holding the longest row that packs them with at most 3% padding (else the one with "
+        "least).")
     invalid_rows: str = arg("error", "What a bad row does: 'error' stops at the first one naming it; 'skip' drops it, "
                             "counts it and lists it in skipped_rows.json.", ["error", "skip"])
     validate_rows: str = arg(
@@ -193,6 +204,13 @@ class DataArguments:
         size = self.fixed_image_size
         if size is not None and (len(size) != 2 or min(size) <= 0):
             raise UsageError(f"--fixed_image_size takes HEIGHT WIDTH (two positive numbers), got {size}.")
+        if self.packing_length is not None and not self.packing:
+            raise UsageError("--packing_length sets the length of --packing's packs; add --packing or drop it.")
+        if self.packing_length is not None and self.packing_length <= 0:
+            raise UsageError(f"--packing_length must be a positive integer, got {self.packing_length}.")
+        if self.packing and self.validate_rows == "none":
+            raise UsageError("--packing fills packs from the rows' token lengths, which --validate_rows none does not "
+                             "measure: use --validate_rows full.")
         for flag in PAN_AND_SCAN_FLAGS[1:]:
             value = getattr(self, flag)
             if value is not None and not self.pan_and_scan:
@@ -391,6 +409,13 @@ def settle_defaults(args: ScriptArguments, given: dict[str, str]) -> None:
         if not data.length_buckets or data.length_buckets[0] <= 0 or data.length_buckets[-1] != data.max_seq_length:
             raise UsageError(f"--length_buckets {data.length_buckets}: lengths must be positive and the largest must "
                              f"equal --max_seq_length {data.max_seq_length}.")
+    packs_per_batch = (training.per_device_train_batch_size, training.per_device_eval_batch_size)
+    flash = getattr(training, "attn_implementation", None) == "flash_attention_2"
+    if data.packing and flash and max(packs_per_batch) > 1:
+        # transformers 4.55.4 hands flash attention the rows of a pack only for a batch of one pack
+        # (modeling_flash_attention_utils.py:439-452); in larger batches the rows would see each other.
+        raise UsageError("--packing with --attn_implementation flash_attention_2 needs --per_device_train_batch_size 1 "
+                         "and --per_device_eval_batch_size 1 (one pack per batch).")
     hpu_graphs_for_inference = getattr(training, "use_hpu_graphs_for_inference", False)
     if hpu_graphs_for_inference and training.do_train and args.evaluation.eval_before_training:
         # HPU graphs detach gradients (optimum/habana/transformers/trainer.py:2057), so a model wrapped for the
@@ -629,7 +654,8 @@ def main(args: ScriptArguments) -> Trainer:
     splits = validate_rows(encoder, splits, skipped_rows, training_args, model_args.cache_dir)
     settle_length_buckets(encoder, splits, training_args)
     image_rows = gaudi_image_rows_per_row(encoder, splits, training_args)
-    collator = VisionChatCollator(encoder, data_args, skipped_rows, hpu_model_inputs(training_args, family), image_rows)
+    collator = VisionChatCollator(encoder, data_args, skipped_rows, hpu_model_inputs(training_args, family), config,
+                                  image_rows)
     if training_args.should_log:
         log_trained_sample(collator, splits)
 
@@ -744,6 +770,9 @@ class ModelFamily:
     patches_per_image: Optional[Callable[[dict], list]] = None
     processor_call_kwargs: dict = field(default_factory=dict)
     hpu_attention_options: bool = False  # the optimum-habana port takes use_flash_attention & co.
+    # On Gaudi the script builds the attention masks (Gemma 3's reference attention), so --packing keeps rows apart;
+    # the other ports build causal masks over the whole sequence from attention_mask alone.
+    packs_on_gaudi: bool = False
     # The processor class where AutoProcessor cannot load one (a video processor this script never uses needs
     # torchvision); built on first use, so that importing this script does not import the family's code.
     image_only_processor_class: Optional[Callable[[], type]] = None
@@ -755,6 +784,9 @@ class ModelFamily:
     # the processor adds to an image: (those arguments' values, (height, width)) -> number of crops.
     pan_and_scan_kwargs: Optional[tuple] = None
     crop_count: Optional[Callable[[dict, tuple], int]] = None
+    # With --packing, where the model's rope positions are not just 0, 1, 2, ... per row: (model config, EncodedRow,
+    # processed batch) -> the row's positions as the model computes them for the row alone, shape (3, row length).
+    packed_rope_positions: Optional[Callable[[Any, Any, dict], torch.Tensor]] = None
 
 
 def gemma3_pan_and_scan_crops(settings: dict, size: tuple) -> int:
@@ -808,6 +840,20 @@ def image_only_qwen2_5_vl_processor_class() -> type:
     return ImageOnlyQwen2_5_VLProcessor
 
 
+def qwen2_5_vl_rope_positions(config, row, processed: dict) -> torch.Tensor:
+    """A Qwen2.5-VL row's 3-D rope index, computed by the model's own get_rope_index on the row alone (what the model
+    computes for it inside forward when position_ids is None; it reads only the config,
+    modeling_qwen2_5_vl.py:977-1140)."""
+    from transformers import Qwen2_5_VLModel
+
+    grids = processed.get("image_grid_thw")
+    images = row.image_slice
+    grid = torch.as_tensor(np.asarray(grids[images.start:images.stop])) if images.stop > images.start else None
+    input_ids = torch.as_tensor(row.input_ids).view(1, -1)
+    positions, _ = Qwen2_5_VLModel.get_rope_index(types.SimpleNamespace(config=config), input_ids, grid)
+    return positions[:, 0]
+
+
 MODEL_FAMILIES = {
     "gemma3": ModelFamily(
         image_placeholder=lambda processor: processor.boi_token,
@@ -821,6 +867,7 @@ MODEL_FAMILIES = {
         # Crops only with --pan_and_scan, whatever the checkpoint's image processor says.
         processor_call_kwargs={"do_pan_and_scan": False},
         hpu_attention_options=True,
+        packs_on_gaudi=True,
         pan_and_scan_kwargs=("do_pan_and_scan", "pan_and_scan_max_num_crops", "pan_and_scan_min_crop_size",
                              "pan_and_scan_min_ratio_to_activate"),
         crop_count=gemma3_pan_and_scan_crops,
@@ -837,6 +884,7 @@ MODEL_FAMILIES = {
         vision_tower="visual",
         projector="merger",
         pixel_budget_kwargs=("min_pixels", "max_pixels"),
+        packed_rope_positions=qwen2_5_vl_rope_positions,
     ),
     "llava_next": ModelFamily(
         image_placeholder=lambda processor: processor.image_token,
@@ -996,6 +1044,7 @@ class IndexedRows(torch.utils.data.Dataset):
     row_indices: np.ndarray
     token_lengths: Optional[np.ndarray] = None  # the rows' lengths in tokens, once the validation pass measured them
     image_sequences: Optional[np.ndarray] = None  # and their image sequences (images and --pan_and_scan crops)
+    packs: Optional[list[np.ndarray]] = None  # with --packing: each pack's rows, as positions in this split
 
     def __len__(self) -> int:
         return len(self.row_indices)
@@ -1003,6 +1052,31 @@ class IndexedRows(torch.utils.data.Dataset):
     def __getitem__(self, position: int) -> dict:
         row_index = int(self.row_indices[position])
         return {"row": self.dataset[row_index], "split": self.split, "row_index": row_index}
+
+    def loss_batches_source(self) -> torch.utils.data.Dataset:
+        """What the trainer batches for training and loss evaluation: the packs with --packing, else the rows."""
+        return self if self.packs is None else PackedRows(self)
+
+
+@dataclass(eq=False)
+class PackedRows(torch.utils.data.Dataset):
+    """A split's packs as dataset items (each a list of its rows' items), so that the trainer's own samplers shuffle,
+    share out across ranks and resume packs as they do rows."""
+    rows: IndexedRows
+
+    @property
+    def split(self) -> str:
+        return self.rows.split
+
+    @property
+    def row_indices(self) -> np.ndarray:
+        return self.rows.row_indices
+
+    def __len__(self) -> int:
+        return len(self.rows.packs)
+
+    def __getitem__(self, position: int) -> list[dict]:
+        return [self.rows[int(row)] for row in self.rows.packs[position]]
 
 
 def without_image_decoding(dataset: datasets.Dataset) -> datasets.Dataset:
@@ -1548,8 +1622,14 @@ def settle_length_buckets(encoder: ChatEncoder, splits: dict, training_args) -> 
     """--padding_strategy bucket without --length_buckets: buckets from the token lengths the validation pass measured
     (every row: the largest bucket just holds the longest) or, with --validate_rows none, a seeded sample's (the largest
     is then --max_seq_length). Every rank chooses the same: same rows, same deterministic measure (ranks after the
-    first read its cached checks) and an exact search; training and evaluation batches use them alike."""
+    first read its cached checks) and an exact search; training and evaluation batches use them alike. With --packing,
+    the packs of every split first (settle_packs); buckets are then for generation's prompts."""
     data_args = encoder.data_args
+    if data_args.packing:
+        if getattr(training_args, "use_habana", False) and not encoder.family.packs_on_gaudi:
+            raise UsageError("--packing on Gaudi keeps a pack's rows apart for Gemma 3 only; optimum-habana's port of "
+                             "this model attends over the whole pack: drop --packing.")
+        settle_packs(splits, data_args, training_args.seed)
     if data_args.padding_strategy != "bucket" or data_args.length_buckets is not None:
         return
     measured = [rows.token_lengths for rows in splits.values()]
@@ -1566,9 +1646,19 @@ def settle_length_buckets(encoder: ChatEncoder, splits: dict, training_args) -> 
     buckets, padded = choose_length_buckets(lengths, data_args.max_seq_length, batch_size, longest=longest)
     data_args.length_buckets = buckets
     mean = float(np.minimum(lengths, data_args.max_seq_length).mean())
+    padding = 1 - mean / padded
     logger.info(f"Length buckets {buckets}, chosen from the lengths of {source} ({len(lengths)} rows "
-                f"of {int(lengths.min())} to {int(lengths.max())} tokens): about {100 * (1 - mean / padded):.1f}% "
+                f"of {int(lengths.min())} to {int(lengths.max())} tokens): about {100 * padding:.1f}% "
                 f"padding in batches of {batch_size}.")
+    if padding > PADDING_WORTH_PACKING and longest is None and not data_args.packing:
+        capped = np.minimum(lengths, data_args.max_seq_length)
+        length = choose_packing_length(capped, training_args.seed)
+        packed = packing_padding(pack_rows(capped, length, training_args.seed), capped, length)
+        logger.info(f"--packing would leave about {100 * packed:.1f}% padding here (packs of {length} tokens).")
+
+
+# Bucket padding above which the start-up log says what --packing would leave instead.
+PADDING_WORTH_PACKING = 0.15
 
 
 ROWS_SAMPLED_FOR_BUCKETS = 1000
@@ -1614,6 +1704,78 @@ def choose_length_buckets(lengths, max_seq_length: int, batch_size: int, max_buc
     for back in reversed(backs[:best_count - 1]):
         chosen.append(int(back[chosen[-1]]))
     return sorted(int(candidates[j]) for j in chosen), float(best_cost)
+
+
+def settle_packs(splits: dict, data_args: DataArguments, seed: int) -> None:
+    """--packing: every split's packs, from the token lengths the validation pass measured (cut to --max_seq_length,
+    as the collator cuts rows), all of one length: --packing_length, else choose_packing_length's. Every rank builds the
+    same packs (same lengths, same seed)."""
+    capped = {name: np.minimum(rows.token_lengths, data_args.max_seq_length) for name, rows in splits.items()}
+    pooled = np.concatenate(list(capped.values()))
+    if len(pooled) == 0:
+        return
+    longest = int(pooled.max())
+    if data_args.packing_length is None:
+        data_args.packing_length = choose_packing_length(pooled, seed)
+    elif data_args.packing_length < longest:
+        raise UsageError(f"--packing_length {data_args.packing_length} is shorter than the longest row ({longest} "
+                         "tokens), and a row is never split: raise it, or lower --max_seq_length.")
+    length, described = data_args.packing_length, []
+    for name, rows in splits.items():
+        rows.packs = pack_rows(capped[name], length, seed)
+        padding = packing_padding(rows.packs, capped[name], length)
+        described.append(f"{rows.split}: {len(rows)} rows in {len(rows.packs)} packs, {100 * padding:.1f}% padding")
+    logger.info(f"Packs of {length} tokens ({'; '.join(described)}).")
+
+
+# Rows per shuffled window packed best-fit-decreasing: larger windows pack tighter, smaller keep the order more random.
+PACKING_WINDOW = 1024
+# choose_packing_length: the padding a pack length should leave at most; the multiples of the longest row it tries.
+PACKING_PADDING_TARGET = 0.03
+PACKING_LENGTH_FACTORS = (1, 1.25, 1.5, 2, 3, 4)
+
+
+def choose_packing_length(lengths: np.ndarray, seed: int, multiple: int = 16) -> int:
+    """The pack length: the shortest multiple of `multiple` holding the longest row, times one of
+    PACKING_LENGTH_FACTORS, whose packs leave at most PACKING_PADDING_TARGET padding; else the one leaving least.
+    Longer packs pack tighter but attend over more tokens (attention's cost grows with the pack's square)."""
+    shortest = -(-int(lengths.max()) // multiple) * multiple
+    padding = {}
+    for factor in PACKING_LENGTH_FACTORS:
+        length = -(-int(shortest * factor) // multiple) * multiple
+        padding[length] = packing_padding(pack_rows(lengths, length, seed), lengths, length)
+        if padding[length] <= PACKING_PADDING_TARGET:
+            return length
+    return min(padding, key=padding.get)
+
+
+def pack_rows(lengths: np.ndarray, length: int, seed: int, window: int = PACKING_WINDOW) -> list[np.ndarray]:
+    """Packs of whole rows (positions into `lengths`) of at most `length` tokens: the rows in a seeded random order,
+    cut into windows, each window's rows packed best-fit-decreasing (longest first, each into the fullest pack it fits).
+    What this adds to a plain first-fit: tighter packs, and no pack mixing rows from far apart in the shuffled order."""
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    packs = []
+    for start in range(0, len(order), window):
+        chunk = order[start:start + window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        free, members = [], []  # free: (room left, pack number), sorted
+        for position in chunk:
+            need = int(lengths[position])
+            fit = bisect.bisect_left(free, (need, -1))
+            if fit == len(free):
+                members.append([int(position)])
+                bisect.insort(free, (length - need, len(members) - 1))
+            else:
+                room, number = free.pop(fit)
+                members[number].append(int(position))
+                bisect.insort(free, (room - need, number))
+        packs += [np.asarray(rows, dtype=np.int64) for rows in members]
+    return packs
+
+
+def packing_padding(packs: list[np.ndarray], lengths: np.ndarray, length: int) -> float:
+    """The share of the packs' tokens that is padding."""
+    return 1 - float(sum(int(lengths[pack].sum()) for pack in packs)) / (len(packs) * length) if packs else 0.0
 
 
 def image_text(processor, count: int) -> str:
@@ -1906,6 +2068,7 @@ class EncodedRow:
     token_type_ids: Optional[np.ndarray]
     image_slice: slice  # this row's images within the batch's pixel_values
     row_index: int = -1  # in its split; -1 for a stand-in row
+    pack: int = 0  # with --packing: the batch's pack it goes in
 
 
 # A chat of one question and one answer: what a template writes around turns.
@@ -1980,12 +2143,14 @@ class VisionChatCollator:
     --padding_strategy allows, and on Gaudi the images to a number fixed per length (gaudi_image_rows_per_row)."""
 
     def __init__(self, encoder: ChatEncoder, data_args: DataArguments, skipped_rows: SkippedRows,
-                 extra_model_inputs: Optional[dict] = None, image_rows_per_row: Optional[dict[int, int]] = None):
+                 extra_model_inputs: Optional[dict] = None, model_config=None,
+                 image_rows_per_row: Optional[dict[int, int]] = None):
         self.encoder = encoder
         self.data_args = data_args
         self.skipped_rows = skipped_rows
         # Forward keyword arguments the trainer passes on with every batch (Gemma 3's HPU attention options).
         self.extra_model_inputs = extra_model_inputs or {}
+        self.model_config = model_config  # for families whose packed positions come from the model (Qwen2.5-VL)
         self.image_rows_per_row = image_rows_per_row  # padded length -> pixel_values rows per batch row, or None
 
     def __call__(self, features: list[dict]) -> dict:
@@ -1996,7 +2161,11 @@ class VisionChatCollator:
             rows = [f"{feature['split']} row {feature['row_index']}" for feature in features]
             raise RuntimeError(f"StopIteration while building the batch of {rows}") from e
 
-    def collate(self, features: list[dict]) -> dict:
+    def collate(self, features: list) -> dict:
+        # With --packing the items are packs (lists of rows): their rows are encoded as one batch, then laid end to end.
+        packs = features if features and isinstance(features[0], list) else None
+        if packs is not None:
+            features = [{**feature, "pack": number} for number, pack in enumerate(packs) for feature in pack]
         kept, chats = [], []
         for feature in features:
             try:
@@ -2008,9 +2177,12 @@ class VisionChatCollator:
         fitted = []
         for feature, row in zip(kept, rows):
             try:
-                fitted.append(dataclasses.replace(self.fit_length(row, feature), row_index=feature["row_index"]))
+                fitted.append(dataclasses.replace(self.fit_length(row, feature), row_index=feature["row_index"],
+                                                  pack=feature.get("pack", 0)))
             except InvalidRowError as e:
                 self.skipped_rows.reject(feature, e)
+        if packs is not None:
+            return self.lay_out_packs(fitted, processed, len(packs))
         return self.pad(fitted, processed, len(features))
 
     def encode(self, kept: list[dict], chats: list) -> tuple[list[dict], list[EncodedRow], dict]:
@@ -2072,10 +2244,67 @@ class VisionChatCollator:
             batch.update(self.encoder.image_inputs(processed, kept_images))
         if self.image_rows_per_row is not None:
             self.encoder.pad_images(batch, len(rows) * self.image_rows_per_row[length])
-        # Which rows these are, for error messages; taken out before the model's forward (TrainingLossMonitor).
+        # Which rows these are, for error messages, and the padding tokens (a stand-in row's too), a host number; both
+        # taken out before the model's forward (TrainingLossMonitor).
         batch["row_ids"] = torch.tensor([row.row_index for row in rows], dtype=torch.long)
+        batch["padding_tokens"] = batch["input_ids"].numel() - sum(len(r.input_ids) for r in rows if r.row_index >= 0)
         # The model computes logits only where the loss needs them (causal_lm_loss).
         batch["logits_to_keep"] = kept_logit_positions(batch["labels"])
+        return {**batch, **self.extra_model_inputs}
+
+    def lay_out_packs(self, rows: list[EncodedRow], processed: dict, num_packs: int) -> dict:
+        """--packing: each pack's rows end to end, then padding, --packing_length tokens in all. position_ids restart
+        at 0 with every row (and with the padding), which is how each row is kept apart: transformers reads the rows'
+        boundaries from position_ids when there is no attention_mask (masking_utils.py:719-722, find_packed_sequence_
+        indices at :619-643), for Gemma 3 (whose image blocks and sliding window then apply within each row,
+        modeling_gemma3.py:906-929), LLaVA-NeXT's language model and Qwen2.5-VL (from the first of its 4-row
+        position_ids, modeling_qwen2_5_vl.py:876-891); flash_attention_2 on CUDA reads the same position_ids as
+        varlen boundaries, for one pack per batch (modeling_flash_attention_utils.py:439-452, settle_defaults); on
+        Gaudi, Gemma 3's reference masks compare the same boundaries (gemma3_reference_attention_masks). A row's
+        first label is never a target: alone, nothing predicts it; packed, the previous row's last token would.
+        `row_ids` holds each token's row (-1: padding); no cache (use_cache False), see below."""
+        length = self.data_args.packing_length
+        grouped = [[row for row in rows if row.pack == number] or [self.encoder.stand_in_row()]
+                   for number in range(num_packs)]
+        fill = {"input_ids": self.encoder.pad_token_id, "labels": IGNORE_INDEX, "row_ids": -1}
+        if grouped[0][0].token_type_ids is not None:
+            fill["token_type_ids"] = 0
+        batch = {key: torch.full((num_packs, length), value, dtype=torch.long) for key, value in fill.items()}
+        positions = torch.zeros((num_packs, length), dtype=torch.long)
+        rope = self.encoder.family.packed_rope_positions
+        rope_positions = torch.zeros((3, num_packs, length), dtype=torch.long) if rope is not None else None
+        for i, pack in enumerate(grouped):
+            start = 0
+            for row in pack:
+                end = start + len(row.input_ids)
+                labels = torch.as_tensor(row.labels).clone()
+                labels[0] = IGNORE_INDEX
+                values = {"input_ids": row.input_ids, "labels": labels, "row_ids": row.row_index,
+                          "token_type_ids": row.token_type_ids}
+                for key in fill:
+                    batch[key][i, start:end] = torch.as_tensor(values[key])
+                positions[i, start:end] = torch.arange(end - start)
+                if rope is not None:
+                    rope_positions[:, i, start:end] = rope(self.model_config, row, processed)
+                start = end
+            positions[i, start:] = torch.arange(length - start)
+            if rope is not None:
+                rope_positions[:, i, start:] = torch.arange(length - start)
+        # Qwen2.5-VL: the text positions (for the mask) first, then each row's own 3-D rope index.
+        batch["position_ids"] = positions if rope is None else torch.cat([positions[None], rope_positions])
+        kept_images = [j for pack in grouped for row in pack
+                       for j in range(row.image_slice.start, row.image_slice.stop)]
+        if kept_images:
+            batch.update(self.encoder.image_inputs(processed, kept_images))
+        if self.image_rows_per_row is not None:
+            self.encoder.pad_images(batch, num_packs * self.image_rows_per_row[length])
+        batch["padding_tokens"] = int((batch["row_ids"] < 0).sum())
+        batch["logits_to_keep"] = kept_logit_positions(batch["labels"])
+        # No cache: with one (which the language models create whenever use_cache is on, as in evaluation: transformers
+        # 4.55.4 gemma3/modeling_gemma3.py:504-505, qwen2_5_vl/modeling_qwen2_5_vl.py:848-849, mistral/modeling_mistral.
+        # py:338-339) transformers reads no rows from position_ids (masking_utils.py:719) and the rows would see each
+        # other.
+        batch["use_cache"] = False
         return {**batch, **self.extra_model_inputs}
 
 
@@ -2259,10 +2488,12 @@ def module_named(model, last_name: str) -> tuple[str, torch.nn.Module]:
 
 def build_trainer(model, training_args, model_args, run_args, processor, splits, collator,
                   lora_args: Optional[LoraArguments] = None):
-    monitor = TrainingLossMonitor(run_args.non_finite_loss, splits["train"].split if "train" in splits else "train")
+    monitor = TrainingLossMonitor(run_args.non_finite_loss, splits["train"].split if "train" in splits else "train",
+                                  collator.data_args.packing_length if collator.data_args.packing else 1)
     model.register_forward_pre_hook(monitor.take_batch_extras, with_kwargs=True)
+    train, evaluated = (splits[name].loss_batches_source() if name in splits else None for name in ("train", "eval"))
     common = dict(
-        model=model, args=training_args, train_dataset=splits.get("train"), eval_dataset=splits.get("eval"),
+        model=model, args=training_args, train_dataset=train, eval_dataset=evaluated,
         data_collator=collator, processing_class=processor, compute_loss_func=monitor.loss,
         # Preemption first: the checkpoint it asks for at a step end is then a save the monitor checks before.
         callbacks=[PreemptionHandler(), monitor])
@@ -2295,8 +2526,12 @@ class TrainingLossMonitor(transformers.TrainerCallback):
     "skip") goes on, counting the batch. A forward pre-hook takes `row_ids` out of the batch and notes `logits_to_keep`.
     """
 
-    def __init__(self, non_finite_loss: str = "error", split: str = "train"):
+    def __init__(self, non_finite_loss: str = "error", split: str = "train", row_ids_per_sequence: int = 1):
         self.non_finite_loss, self.split = non_finite_loss, split
+        # row_ids per batch sequence: 1, or with --packing one per token (the pack length).
+        self.row_ids_per_sequence = row_ids_per_sequence
+        # Padding tokens and all tokens of the batches seen, as the collator counted them (host numbers, no device op).
+        self.padding = {"train": [0, 0], "eval": [0, 0]}
         # Counted where the loss is computed, so dataloader workers do not hide them; in Gaudi lazy mode each
         # new (batch, length, kept logits, image tensor shapes) signature is a graph compile.
         self.shapes = {"train": collections.Counter(), "eval": collections.Counter()}
@@ -2312,6 +2547,11 @@ class TrainingLossMonitor(transformers.TrainerCallback):
 
     def take_batch_extras(self, module, args, kwargs):
         self.row_ids = kwargs.pop("row_ids", None)
+        padding = kwargs.pop("padding_tokens", None)
+        if padding is not None:
+            counted = self.padding["train" if torch.is_grad_enabled() else "eval"]
+            counted[0] += padding
+            counted[1] += kwargs["input_ids"].numel()
         self.image_shapes = tuple((name, tuple(kwargs[name].shape)) for name in IMAGE_INPUT_NAMES
                                   if torch.is_tensor(kwargs.get(name)))
         kept = kwargs.get("logits_to_keep")
@@ -2332,13 +2572,22 @@ class TrainingLossMonitor(transformers.TrainerCallback):
         self.non_finite = ~finite
         bad = self.first_bad
         first = self.non_finite & (bad["count"] == 0)
-        rows = self.row_ids if self.row_ids is not None else bad["rows"][:0]
+        rows = self.row_ids.flatten() if self.row_ids is not None else bad["rows"][:0]
         rows = torch.nn.functional.pad(rows.to(bad["rows"]), (0, len(bad["rows"]) - len(rows)), value=-1)
         bad["count"] += self.non_finite.to(torch.int32)
         bad["step"] = torch.where(first, bad["current_step"], bad["step"])
         bad["rows"] = torch.where(first, rows, bad["rows"])
         bad["loss"] = torch.where(first, loss.detach(), bad["loss"])
         return torch.where(finite, loss, torch.zeros_like(loss))
+
+    def padding_fraction(self, stage: str, accelerator) -> Optional[float]:
+        """The share of padding in the batches `stage` saw since the last call, over every rank (one sync)."""
+        (padding, tokens), self.padding[stage] = self.padding[stage], [0, 0]
+        if not tokens:
+            return None
+        counted = torch.tensor([padding, tokens], dtype=torch.long, device=accelerator.device)
+        padding, tokens = accelerator.reduce(counted, reduction="sum").tolist()
+        return padding / tokens
 
     def zero_if_non_finite(self, grad: torch.Tensor) -> torch.Tensor:
         """Gradient hook: a non-finite batch's gradient is zero. Selecting, not multiplying: 0 * NaN is NaN."""
@@ -2350,7 +2599,8 @@ class TrainingLossMonitor(transformers.TrainerCallback):
             # The step under way, counted on the device so that noting it costs no transfer.
             "current_step": torch.tensor(state.global_step, dtype=torch.int32).to(args.device),
             "step": torch.full((), -1, dtype=torch.int32, device=args.device),
-            "rows": torch.full((args.per_device_train_batch_size,), -1, dtype=torch.long, device=args.device),
+            "rows": torch.full((args.per_device_train_batch_size * self.row_ids_per_sequence,), -1, dtype=torch.long,
+                               device=args.device),
             "loss": torch.zeros((), dtype=torch.float32, device=args.device)}
         self.checked_step = state.global_step
         self.gradient_hooks = [p.register_hook(self.zero_if_non_finite) for p in model.parameters() if p.requires_grad]
@@ -2390,7 +2640,7 @@ class TrainingLossMonitor(transformers.TrainerCallback):
         count = int(bad["count"].item())
         if count == 0:
             return
-        rows = [r for r in bad["rows"].tolist() if r >= 0]
+        rows = list(dict.fromkeys(r for r in bad["rows"].tolist() if r >= 0))
         where = f"training step {int(bad['step'].item())}, {self.split} rows {rows}"
         seen = (f"{count} batch{'es' if count > 1 else ''} with a non-finite loss in steps {since + 1}-{step}, "
                 "each contributing no gradient")
@@ -2411,12 +2661,29 @@ class TrainingLossMonitor(transformers.TrainerCallback):
 
     def evaluation_loss(self, outputs, labels) -> torch.Tensor:
         token_losses, trained = next_token_losses(outputs, labels)
+        if self.row_ids.dim() == 2:
+            return self.packed_evaluation_loss(token_losses, trained)
         per_row = torch.stack([token_losses.sum(dim=1), trained.sum(dim=1).float()], dim=1)
         row_slots = torch.searchsorted(self.evaluation_rows, self.row_ids)
         slots = torch.where(self.row_ids >= 0, row_slots, len(self.evaluation) - 1)
         # Copied, not added: a row accelerate repeats to even out the ranks' last batches counts once.
         self.evaluation.index_copy_(0, slots, per_row)
         return per_row[:, 0].sum() / per_row[:, 1].sum().clamp(min=1)
+
+    def packed_evaluation_loss(self, token_losses: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+        """evaluation_loss for packs: each target token's row (row_ids of the token a loss position predicts), its
+        sums added up per row in this batch, then copied into the rows' slots (a whole row is in one batch)."""
+        row_ids = self.row_ids.to(token_losses.device)[:, 1:]
+        if self.kept_positions is not None:  # laid out as labels_at_kept_positions lays out the labels
+            row_ids = torch.nn.functional.pad(row_ids, (0, 1), value=-1)
+            row_ids = row_ids.index_select(1, self.kept_positions.to(row_ids.device))
+        slots = torch.where(row_ids >= 0, torch.searchsorted(self.evaluation_rows, row_ids.contiguous()),
+                            len(self.evaluation) - 1).flatten()
+        per_token = torch.stack([token_losses.flatten(), trained.flatten().float()], dim=1)
+        per_row = torch.zeros_like(self.evaluation).index_add_(0, slots, per_token)
+        seen = torch.zeros(len(self.evaluation), dtype=torch.bool, device=slots.device).index_fill_(0, slots, True)
+        self.evaluation = torch.where(seen.view(-1, 1), per_row, self.evaluation)
+        return per_token[:, 0].sum() / per_token[:, 1].sum().clamp(min=1)
 
     def finish_evaluation(self) -> Optional[float]:
         """The per-token mean loss over the split, summed over ranks (one sync); None without trained tokens."""
@@ -2609,6 +2876,9 @@ class WholeSplitEvaluationTrainer(Trainer):
             monitor.evaluation = None
         if loss is not None:
             output.metrics[f"{metric_key_prefix}_loss"] = loss
+        padding = monitor.padding_fraction("eval", self.accelerator)
+        if padding is not None:
+            output.metrics[f"{metric_key_prefix}_padding_fraction"] = padding
         return output
 
 
@@ -2663,6 +2933,10 @@ def train_and_save(trainer, num_rows: int) -> None:
         raise SystemExit(preemption.exit_code)
     trainer.save_model()
     metrics = {**train_result.metrics, "train_samples": num_rows}
+    monitor = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrainingLossMonitor))
+    padding = monitor.padding_fraction("train", trainer.accelerator)
+    if padding is not None:
+        metrics["train_padding_fraction"] = padding
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
@@ -2686,7 +2960,7 @@ def evaluate_splits(trainer, splits: dict, generator: Optional[GenerationEvaluat
 
 def evaluate_split(trainer, rows: IndexedRows, prefix: str, generator: Optional[GenerationEvaluator]) -> dict:
     """Loss and perplexity over assistant tokens, plus generation metrics when asked; logged and returned."""
-    metrics = trainer.evaluate(eval_dataset=rows, metric_key_prefix=prefix)
+    metrics = trainer.evaluate(eval_dataset=rows.loss_batches_source(), metric_key_prefix=prefix)
     loss = metrics.get(f"{prefix}_loss")
     if loss is not None:
         metrics[f"{prefix}_perplexity"] = math.exp(loss) if loss < 700 else float("inf")
@@ -2728,10 +3002,10 @@ class GenerationEvaluator:
     def for_run(cls, encoder: ChatEncoder, skipped_rows: SkippedRows, args: ScriptArguments,
                 image_rows_per_row: Optional[dict[int, int]] = None) -> GenerationEvaluator:
         """The evaluator of --generation_eval: batches and lengths as in evaluation, HPU options on Gaudi; with
-        gaudi_image_rows_per_row's numbers, every prompt's images padded to the most of any row (one pixel shape: a
-        prompt is shorter than its row, so the number for its own length would not hold its images)."""
+        gaudi_image_rows_per_row's numbers, every prompt's images padded to the most of any row, the number of the
+        longest bucket (one pixel shape: a prompt is shorter than its row, so its own length's number would not do)."""
         prompt_lengths = args.data.length_buckets if args.data.padding_strategy == "bucket" else None
-        image_rows = max(image_rows_per_row.values()) if image_rows_per_row and prompt_lengths else None
+        image_rows = image_rows_per_row[max(prompt_lengths)] if image_rows_per_row and prompt_lengths else None
         return cls(encoder, skipped_rows, args.evaluation, args.training.per_device_eval_batch_size, prompt_lengths,
                    hpu_generation_options(args.training), image_rows)
 
@@ -3007,6 +3281,10 @@ def log_summary(training_args, args: ScriptArguments, report: dict) -> None:
     shown = [f"{name} {results[name]:.4f}" for name in SUMMARY_METRICS if isinstance(results.get(name), (int, float))]
     if shown:
         lines.append("  " + ", ".join(shown))
+    padding = [f"{split} {100 * results[f'{split}_padding_fraction']:.1f}%" for split in ("train", "eval", "predict")
+               if isinstance(results.get(f"{split}_padding_fraction"), (int, float))]
+    if padding:
+        lines.append(f"  {'padding':<13}{', '.join(padding)} of the tokens in the batches")
     logger.info("Done. Outputs:\n" + "\n".join(lines))
 
 
@@ -3230,27 +3508,35 @@ GAUDI_IMAGE_SIZES = {"qwen2_5_vl": qwen2_5_vl_gaudi_image_size, "llava_next": ll
 
 def gaudi_image_rows_per_row(encoder: ChatEncoder, splits: dict, training_args) -> Optional[dict[int, int]]:
     """On Gaudi in lazy mode, for Gemma 3 (one pixel_values row per image and per --pan_and_scan crop, all of one size):
-    {padded length: pixel_values rows per batch row}, so that the collator pads the images of every batch of a length
-    to one number (ChatEncoder.pad_images) and the step signatures stay one per length, not one per number of
-    images and crops; logged. A batch padded to length L holds rows of at most L tokens: the most image sequences of
-    any row that short, as the validation pass counted them, or with --validate_rows none the most that L tokens
-    hold. None elsewhere, or where lengths are not fixed (--padding_strategy longest). Blank images cost the vision
-    tower's time only: no token reads them, which needs the port's static_image_placeholder_mask (upstream's
-    get_placeholder_mask refuses features no token reads)."""
+    {padded length: pixel_values rows per batch row (a row, or a --packing pack)}, so that the collator pads the
+    images of every batch of a length to one number (ChatEncoder.pad_images) and the step signatures stay one per
+    length, not one per number of images and crops; logged. A batch padded to length L holds rows of at most L
+    tokens: the most image sequences of any row that short, as the validation pass counted them, or with
+    --validate_rows none the most that L tokens hold; a pack, the most of any pack. None elsewhere, or where lengths
+    are not fixed (--padding_strategy longest, without --packing). Blank images cost the vision tower's time only: no
+    token reads them, which needs the port's static_image_placeholder_mask (upstream's get_placeholder_mask refuses
+    features no token reads)."""
     data_args = encoder.data_args
     on_lazy_gaudi = getattr(training_args, "use_habana", False) and training_args.use_lazy_mode
-    if not (on_lazy_gaudi and encoder.family.hpu_attention_options) or data_args.padding_strategy == "longest":
+    if not (on_lazy_gaudi and encoder.family.hpu_attention_options):
         return None
-    padded = data_args.length_buckets if data_args.padding_strategy == "bucket" else [data_args.max_seq_length]
+    padded = {"bucket": data_args.length_buckets, "max_length": [data_args.max_seq_length]}.get(
+        data_args.padding_strategy, [])
     measured = [(rows.token_lengths, rows.image_sequences) for rows in splits.values()]
     if all(lengths is not None for lengths, _ in measured):
         lengths = np.minimum(np.concatenate([lengths for lengths, _ in measured]), data_args.max_seq_length)
         sequences = np.concatenate([sequences for _, sequences in measured])
         per_row = {length: int(sequences[lengths <= length].max(initial=0)) for length in padded}
-        source = "as the rows of each length have at most"
+        source = "as the rows (or packs) of each length have at most"
     else:
         per_row = {length: length // encoder.processor.image_seq_length for length in padded}  # tokens per image
         source = "as many as each length holds"
+    if data_args.packing:  # a bound for the packs too, whose rows are all measured (valid for rows, if a bucket)
+        most = max((int(rows.image_sequences[pack].sum()) for rows in splits.values() for pack in rows.packs),
+                   default=0)
+        per_row[data_args.packing_length] = max(per_row.get(data_args.packing_length, 0), most)
+    if not per_row:
+        return None
     if any(per_row.values()):
         counts = ", ".join(f"{images} at length {length}" for length, images in per_row.items())
         logger.info(f"On Gaudi, blank images pad each batch row's images and crops to {counts}, {source}, so that "
@@ -3264,11 +3550,13 @@ def gaudi_image_rows_per_row(encoder: ChatEncoder, splits: dict, training_args) 
 
 
 def gemma3_reference_attention_masks(attention_mask: torch.Tensor, token_type_ids: Optional[torch.Tensor],
-                                     sliding_window: Optional[int], dtype: torch.dtype) -> dict:
+                                     sliding_window: Optional[int], dtype: torch.dtype,
+                                     rows: Optional[torch.Tensor] = None) -> dict:
     """Gemma 3's attention as transformers 4.55.4 builds it (models/gemma3/modeling_gemma3.py:905-934,
     masking_utils.py:78-87,116-127), as the per-layer additive masks optimum-habana's port accepts: a query sees a
     non-padding key before it (on sliding layers, fewer than `sliding_window` before) or in the same image (a run of
-    token_type_ids == 1). Built on the device, nothing read back: one lazy-mode graph per batch shape."""
+    token_type_ids == 1); in packs (`rows`: each token's row number, masking_utils.py:130-136), in its own row only.
+    Built on the device, nothing read back: one lazy-mode graph per batch shape."""
     batch, length = attention_mask.shape
     device = attention_mask.device
     positions = torch.arange(length, device=device)
@@ -3287,6 +3575,8 @@ def gemma3_reference_attention_masks(attention_mask: torch.Tensor, token_type_id
     in_window = True if sliding_window is None else (query_position - key_position) < sliding_window
     visible = torch.zeros((), dtype=dtype, device=device)
     hidden = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+    if rows is not None:
+        key_present = key_present & (rows.view(batch, 1, length, 1) == rows.view(batch, 1, 1, length))
     return {"full_attention": torch.where((earlier_or_self | same_image) & key_present, visible, hidden),
             "sliding_attention": torch.where((earlier_or_self & in_window | same_image) & key_present, visible, hidden)}
 
@@ -3341,9 +3631,16 @@ def gemma3_reference_attention_hook(module, args: tuple, kwargs: dict):
         token_type_ids = (input_ids == module.config.image_token_id).to(torch.long)
     if token_type_ids is None or length == 1:
         return None
+    rows = None
     if attention_mask is None:
         attention_mask = torch.ones_like(token_type_ids)
-    kwargs["attention_mask"] = gemma3_reference_attention_masks(attention_mask, token_type_ids, sliding_window, dtype)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            # Packs (--packing): the rows transformers finds in position_ids where no attention_mask is given
+            # (masking_utils.py:719-722), by its own function.
+            rows = find_packed_sequence_indices(position_ids.expand(attention_mask.shape[0], -1))
+    kwargs["attention_mask"] = gemma3_reference_attention_masks(attention_mask, token_type_ids, sliding_window, dtype,
+                                                                rows)
     return args, kwargs
 
 

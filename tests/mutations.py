@@ -283,6 +283,38 @@ MUTATIONS = [
         'batch["pixel_values"] = blank if pixels is None else torch.cat([blank, pixels])',
         ("tests/test_gaudi_gemma3_attention.py::test_blank_images_padding_a_batch_on_gaudi_change_nothing",),
     ),
+    Mutation(
+        "pack_rows_see_each_other",
+        "with --packing an all-ones attention_mask goes with each pack: transformers then reads no row boundaries "
+        "from position_ids and every row attends to the rows before it in its pack",
+        '        batch["use_cache"] = False\n',
+        '        batch["use_cache"] = False\n        batch["attention_mask"] = torch.ones_like(batch["input_ids"])\n',
+        ("tests/test_packing.py::test_a_pack_gives_the_loss_and_lora_gradients_of_its_rows_run_alone",),
+    ),
+    Mutation(
+        "pack_labels_cross_rows",
+        "with --packing each row's first token is a target of the previous row's last token: a label across a row "
+        "boundary, trained on and counted",
+        "                labels[0] = IGNORE_INDEX\n",
+        "                labels[0] = int(row.input_ids[0])\n",
+        ("tests/test_packing.py::test_a_pack_gives_the_loss_and_lora_gradients_of_its_rows_run_alone",),
+    ),
+    Mutation(
+        "pack_positions_run_on",
+        "with --packing positions run on through the pack instead of restarting at each row (and the rows, found from "
+        "position_ids, are no longer kept apart)",
+        "positions[i, start:end] = torch.arange(end - start)",
+        "positions[i, start:end] = torch.arange(start, end)",
+        ("tests/test_packing.py::test_a_pack_gives_the_loss_and_lora_gradients_of_its_rows_run_alone",),
+    ),
+    Mutation(
+        "gemma3_hpu_pack_rows_see_each_other",
+        "with --packing on Gaudi, Gemma 3's reference masks (FusedSDPA) leave out the row boundaries: every row attends "
+        "to the rows before it in its pack",
+        "        key_present = key_present & (rows.view(batch, 1, length, 1) == rows.view(batch, 1, 1, length))\n",
+        "        pass\n",
+        ("tests/test_gaudi_gemma3_attention.py::test_a_pack_on_the_port_matches_its_rows_unpacked_upstream",),
+    ),
 ]
 
 

@@ -312,6 +312,18 @@ def test_blank_images_padding_a_batch_on_gaudi_change_nothing(compared):
     assert compared["blank_images_first"]["max_logit_diff"] > CLEARLY_DIFFERENT
 
 
+@pytest.mark.parametrize("variant", ["eager", "fused"])
+def test_a_pack_on_the_port_matches_its_rows_unpacked_upstream(compared, variant):
+    """--packing on Gaudi: the reference masks keep the pack's rows apart (found from position_ids, as transformers
+    finds them); logits row by row, loss and LoRA gradients equal upstream's on the same rows unpacked."""
+    r = compared["pack"][variant]
+    assert r["max_logit_diff"] <= ATOL and r["loss_diff"] <= ATOL and r["max_grad_diff"] <= ATOL, r
+    assert r["grads_compared"] == compared["lora_parameters"]
+    if variant == "fused":  # the kernel got the dense per-pack mask
+        length = sum(compared["row_lengths"]) + 3
+        assert r["fused_calls"] and all(c["mask_shape"] == [1, 1, length, length] for c in r["fused_calls"])
+
+
 def test_text_only_rows_match_too(compared):
     """No image: only the sliding window and padding shape the masks."""
     r = compared["text_only"]
@@ -428,6 +440,7 @@ def _reference_case(config_dir):
         case[name] = {"batch": batch, "labels": labels, "row_lengths": row_lengths,
                       "expected": _forward_backward(reference, batch, labels)}
     images = case["images"]
+    case["pack"] = _pack(images, tokenizer)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         case["images_bf16"] = {**images, "expected": _forward_backward(reference, images["batch"], images["labels"])}
     # How far bf16 rounding alone moves upstream's own results (bf16 autocast against float32): the yardstick of the
@@ -439,6 +452,34 @@ def _reference_case(config_dir):
         generated = reference.generate(**prompts, **_greedy(config))
     case["generation"] = {"prompts": prompts, "expected": _generated(generated, prompts)}
     return case
+
+
+def _pack(images, tokenizer, padding=3):
+    """The two rows of the `images` batch as one pack (--packing's layout: end to end, position_ids restarting at each
+    row and at the padding, no attention_mask, no cache), with the unpacked batch's upstream results to match."""
+    batch, labels, lengths = images["batch"], images["labels"], images["row_lengths"]
+    pad = tokenizer.pad_token_id
+    pieces = [(batch["input_ids"][i, :n], labels[i, :n], batch["token_type_ids"][i, :n])
+              for i, n in enumerate(lengths)]
+    input_ids = torch.cat([p[0] for p in pieces] + [torch.full((padding,), pad)]).view(1, -1)
+    packed_labels = torch.cat([p[1] for p in pieces] + [torch.full((padding,), run_lora_vlm.IGNORE_INDEX)]).view(1, -1)
+    token_type_ids = torch.cat([p[2] for p in pieces] + [torch.zeros(padding, dtype=torch.long)]).view(1, -1)
+    position_ids = torch.cat([torch.arange(n) for n in [*lengths, padding]]).view(1, -1)
+    packed = {"input_ids": input_ids, "token_type_ids": token_type_ids, "position_ids": position_ids,
+              "pixel_values": batch["pixel_values"], "use_cache": False}
+    return {"batch": packed, "labels": packed_labels, "row_lengths": lengths, "expected": images["expected"]}
+
+
+def _pack_compared(result, pack):
+    """_compare for a pack: its logits row by row against the unpacked batch's, loss and LoRA gradients as they are."""
+    expected, start, logit_diff = pack["expected"], 0, 0.0
+    for i, n in enumerate(pack["row_lengths"]):
+        row_diff = (result["logits"][0, start:start + n] - expected["logits"][i, :n]).abs().max().item()
+        logit_diff = max(logit_diff, row_diff)
+        start += n
+    return {"max_logit_diff": logit_diff, "loss_diff": abs(result["loss"] - expected["loss"]),
+            "grads_compared": len(expected["grads"]),
+            "max_grad_diff": max((result["grads"][n] - g).abs().max().item() for n, g in expected["grads"].items())}
 
 
 def _prompts(tokenizer, config):
@@ -614,6 +655,13 @@ def scenario(work):
     res["text_only"] = run(text_only, use_flash_attention=True)
     res["blank_images"] = run(_with_blank_images(images), use_flash_attention=True)
     res["blank_images_first"] = run(_with_blank_images(images, first=True), use_flash_attention=True)
+    for variant, flags in {"eager": {}, "fused": {"use_flash_attention": True}}.items():
+        habana_frameworks.reset()
+        pack = case["pack"]
+        result = _forward_backward(port, pack["batch"], pack["labels"], **_port_inputs(**flags))
+        res.setdefault("pack", {})[variant] = {
+            **_pack_compared(result, pack),
+            "fused_calls": [c[2] for c in habana_frameworks.calls("hpex.kernels.FusedSDPA.apply")]}
     causal = run(images, use_flash_attention=True, flash_attention_causal_mask=True)
     res["causal_mask_flag"] = {
         **causal, "fused_causal_calls": sum(c["is_causal"] and c["mask_shape"] is None for c in causal["fused_calls"])

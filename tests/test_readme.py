@@ -52,6 +52,8 @@ def test_the_cpu_example_runs_as_written_and_prints_no_warning(tmp_path):
         "  metrics      out/tiny/all_results.json",
         f"  train_loss {results['train_loss']:.4f}, eval_loss {results['eval_loss']:.4f}, "
         f"eval_perplexity {results['eval_perplexity']:.4f}",
+        f"  padding      train {100 * results['train_padding_fraction']:.1f}%, "
+        f"eval {100 * results['eval_padding_fraction']:.1f}% of the tokens in the batches",
     ]
     # The figures the README shows are this run's (to the second decimal: BLAS may round differently elsewhere).
     shown = re.search(r"train_loss ([\d.]+), eval_loss ([\d.]+)", readme_section(section)).groups()

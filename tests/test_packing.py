@@ -1,0 +1,170 @@
+# Licensed under the Apache License, Version 2.0 (the "License").
+"""--packing: several whole rows per sequence, each attending only to itself (issue 23).
+
+Checked here, per family, in float32 on the tiny models: a pack's per-token loss equals the mean over the same rows
+run alone (each a batch of one, no padding: the plain model, independent of packing), and so do the LoRA gradients
+of one step; a pack whose rows see each other (no row boundaries) does not. The packs themselves: whole rows, every
+row once, at most the pack length, seeded. Through the CLI: a packed run reports its padding, and an evaluation of
+the untouched model gives the same eval_loss packed and unpacked. The Gaudi port (FusedSDPA) with packs is checked in
+test_gaudi_gemma3_attention.py.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForImageTextToText
+
+import run_lora_vlm as rlv
+from conftest import IGNORE_INDEX, make_collator, run_training, script_args, train_argv
+
+# float32: the packed and the alone computations differ only in summation order. Losses (about 7) within ATOL; LoRA
+# gradients (up to about 4 here) within GRAD_RTOL of the largest reference gradient.
+ATOL = 2e-5
+GRAD_RTOL = 1e-5
+# What a pack whose rows see each other changes (measured: far above ATOL).
+CLEARLY_DIFFERENT = 1e-3
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,  # random B: every LoRA weight gets a gradient
+            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj)")
+NOT_MODEL_INPUTS = ("labels", "row_ids")
+
+
+def test_packs_hold_whole_rows_every_row_once_within_the_length_seeded():
+    lengths = np.random.default_rng(0).integers(1, 200, size=3000)
+    packs = rlv.pack_rows(lengths, 256, seed=1, window=1024)
+    rows = np.concatenate(packs)
+    assert sorted(rows.tolist()) == list(range(3000))
+    assert max(int(lengths[pack].sum()) for pack in packs) <= 256
+    # Best fit within windows of 1024 shuffled rows: 3 windows, each nearly full packs (lower bound: total / 256).
+    assert len(packs) <= int(np.ceil(lengths.sum() / 256)) + 3
+    again, other = rlv.pack_rows(lengths, 256, seed=1), rlv.pack_rows(lengths, 256, seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(packs, again)) and len(packs) == len(again)
+    assert any(not np.array_equal(a, b) for a, b in zip(packs, other))
+    # A window holds rows from its part of the shuffled order only.
+    order = np.random.default_rng(1).permutation(3000)
+    assert set(np.concatenate(packs[:5]).tolist()) <= set(order[:1024].tolist())
+    padding = rlv.packing_padding(packs, lengths, 256)
+    assert padding == 1 - lengths.sum() / (len(packs) * 256)
+
+
+def test_pack_length_is_the_shortest_listed_that_packs_within_the_target():
+    lengths = np.array([80] * 4 + [48] * 4)
+    # 80 tokens: every row alone, 20% padding; 112 (1.25 x 80, rounded up to 16): 80 alone, 48 + 48, 24%;
+    # 128 (1.5 x 80): 80 + 48 in every pack, no padding.
+    assert rlv.choose_packing_length(lengths, seed=0) == 128
+    assert rlv.choose_packing_length(np.array([64] * 4 + [32] * 8), seed=0) == 64
+
+
+def _features(chart_rows):
+    return [{"row": row, "split": "train", "row_index": index} for index, row in enumerate(chart_rows)]
+
+
+def _lora_model(model_dir):
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, torch_dtype=torch.float32)
+    return get_peft_model(model, LoraConfig(**LORA)).train()
+
+
+def _packed_collator(model_dir, name, length):
+    data_args = script_args("--packing").data
+    data_args.packing_length = length
+    config, family, processor = rlv.load_processor(rlv.ModelArguments(model_name_or_path=model_dir))
+    collator = make_collator(processor, data_args, ["image", "query", "label"], family=name)
+    collator.model_config = config
+    return collator
+
+
+def _alone(model, collator, features):
+    """Each row run alone (a batch of one, nothing padded): the summed token losses, the trained tokens, and the
+    per-row loss sums; backward on their per-token mean, the gradient of one step over these rows."""
+    sums, counts = [], []
+    model.zero_grad(set_to_none=True)
+    batches = [collator([feature]) for feature in features]
+    total = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batches)
+    for batch in batches:
+        outputs = model(**{k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS})
+        loss_sum = rlv.causal_lm_loss(outputs, rlv.labels_at_kept_positions(batch["labels"], batch["logits_to_keep"]),
+                                      num_items_in_batch=1)
+        (loss_sum / total).backward()
+        sums.append(loss_sum.item())
+        counts.append(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return sum(sums) / sum(counts), sums, grads
+
+
+def _packed(model, batch):
+    """A packed batch through the model as the trainer runs it: (per-token loss, per-row loss sums, LoRA gradients)."""
+    model.zero_grad(set_to_none=True)
+    outputs = model(**{k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS})
+    labels = rlv.labels_at_kept_positions(batch["labels"], batch["logits_to_keep"])
+    loss = rlv.causal_lm_loss(outputs, labels)
+    loss.backward()
+    token_losses, _ = rlv.next_token_losses(outputs, labels)
+    targets = torch.nn.functional.pad(batch["row_ids"][:, 1:], (0, 1), value=-1)
+    targets = targets.index_select(1, batch["logits_to_keep"])
+    per_row = [token_losses[targets == row].sum().item() for row in range(int(batch["row_ids"].max()) + 1)]
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), per_row, grads
+
+
+def _max_grad_diff(grads, reference):
+    assert grads.keys() == reference.keys() and len(reference) > 0
+    return max((grads[n] - g).abs().max().item() for n, g in reference.items())
+
+
+def _two_packs(model_dir, name, features):
+    """(collator, batch) of two packs: three rows end to end with a little padding, and one row with much padding."""
+    probe = _packed_collator(model_dir, name, 4096)
+    lengths = [int((probe([[feature]])["row_ids"] >= 0).sum()) for feature in features]
+    collator = _packed_collator(model_dir, name, sum(lengths[:3]) + 5)
+    return collator, collator([features[:3], features[3:]])
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen2_5_vl", "llava_next"])
+def test_a_pack_gives_the_loss_and_lora_gradients_of_its_rows_run_alone(name, family_models, chart_rows):
+    model_dir = family_models[name]
+    features = _features(chart_rows)
+    model = _lora_model(model_dir)
+    collator, batch = _two_packs(model_dir, name, features)
+    assert len(batch["input_ids"]) == 2 and "attention_mask" not in batch
+    assert (batch["row_ids"][0] == -1).sum() == 5 and batch["row_ids"][0].unique().tolist() == [-1, 0, 1, 2]
+    reference_loss, reference_rows, reference_grads = _alone(model, collator, features)
+    loss, rows, grads = _packed(model, batch)
+    assert abs(loss - reference_loss) <= ATOL, (loss, reference_loss)
+    assert np.allclose(rows, reference_rows, rtol=0, atol=ATOL), (rows, reference_rows)
+    largest = max(g.abs().max().item() for g in reference_grads.values())
+    difference = _max_grad_diff(grads, reference_grads)
+    assert difference <= GRAD_RTOL * largest, (difference, largest)
+    assert largest > 100 * ATOL  # not all ~0
+
+
+def test_a_pack_whose_rows_see_each_other_fails_parity(family_models, chart_rows):
+    """The fidelity check itself: the same pack with the row boundaries dropped (an all-ones attention_mask, so
+    transformers reads no rows from position_ids) gives other losses."""
+    features = _features(chart_rows)
+    model = _lora_model(family_models["gemma3"])
+    collator, batch = _two_packs(family_models["gemma3"], "gemma3", features)
+    reference_loss, reference_rows, _ = _alone(model, collator, features)
+    leaking = {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+    loss, rows, _ = _packed(model, leaking)
+    assert rows[0] == pytest.approx(reference_rows[0], abs=ATOL)  # the first row of a pack sees nothing earlier
+    assert max(abs(a - b) for a, b in zip(rows, reference_rows)) > CLEARLY_DIFFERENT
+
+
+def test_a_packed_run_reports_padding_and_evaluates_the_untouched_model_as_unpacked(assets, tmp_path):
+    flags = ("--max_eval_samples", "8", "--max_train_samples", "16", "--per_device_eval_batch_size", "2")
+    run_training(train_argv(assets, tmp_path / "packed", "--do_train", "--do_eval", "--eval_before_training",
+                            "--max_steps", "2", "--per_device_train_batch_size", "2", "--packing", *flags))
+    run_training(train_argv(assets, tmp_path / "rows", "--do_eval", *flags))
+    packed = json.loads((tmp_path / "packed" / "all_results.json").read_text())
+    rows = json.loads((tmp_path / "rows" / "all_results.json").read_text())
+    # LoRA starts as the identity: the evaluation before training is the untouched model's.
+    assert packed["eval_before_loss"] == pytest.approx(rows["eval_loss"], rel=1e-5, abs=0)
+    for results, key in ((packed, "train_padding_fraction"), (packed, "eval_padding_fraction"),
+                         (rows, "eval_padding_fraction")):
+        assert 0 <= results[key] < 1, (key, results[key])
+    # The same packs before and after training; rows of 25-28 tokens in packs of 32 leave 4-7 tokens of padding each.
+    assert packed["eval_before_padding_fraction"] == packed["eval_padding_fraction"]
+    assert 4 / 32 <= packed["eval_padding_fraction"] <= 7 / 32
