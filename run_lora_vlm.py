@@ -1931,9 +1931,31 @@ class ChatEncoder:
     def process(self, texts: list[str], images: list[list], padding_side: str = "right", **kwargs):
         """The processor call: texts and their images, <bos> added only where the chat template did not write it."""
         with_images = any(images)
+        if with_images and not all(images):
+            return self.process_mixed(texts, images, padding_side, **kwargs)
         return self.processor(text=texts, images=images if with_images else None, padding="longest",
                               add_special_tokens=self.tokenizer_adds_bos(texts[0]), padding_side=padding_side,
                               **(self.image_kwargs if with_images else {}), **kwargs)
+
+    def process_mixed(self, texts: list[str], images: list[list], padding_side: str, return_tensors=None, **kwargs):
+        """A batch of rows with images and rows without, which processors refuse (Gemma 3's nested image lists may not
+        hold an empty one, transformers 4.55.4 image_utils.py:252-288; Qwen2.5-VL's and LLaVA-NeXT's flattening
+        neither, :227-250): the two groups processed apart, their rows put back in order and padded to one length.
+        The images' inputs are the first group's, in the rows' order."""
+        groups = [[i for i, row in enumerate(images) if row], [i for i, row in enumerate(images) if not row]]
+        parts = [self.process([texts[i] for i in group], [images[i] for i in group], padding_side, **kwargs)
+                 for group in groups]
+        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "token_type_ids": 0, "offset_mapping": [0, 0]}
+        per_row = {key: [None] * len(texts) for key in fill if key in parts[0]}
+        length = max(len(part["input_ids"][0]) for part in parts)
+        for group, part in zip(groups, parts):
+            for key in per_row:
+                for row, values in zip(group, part[key]):
+                    values = [list(v) if key == "offset_mapping" else v for v in values]
+                    padded = [fill[key]] * (length - len(values))
+                    per_row[key][row] = padded + values if padding_side == "left" else values + padded
+        image_inputs = {key: value for key, value in parts[0].items() if key not in per_row}
+        return transformers.BatchFeature({**per_row, **image_inputs}, tensor_type=return_tensors)
 
     def tokenizer_adds_bos(self, rendered: str) -> bool:
         """Whether the tokenizer is to add <bos>: not if the template wrote it (Gemma's does; LLaVA-NeXT's does not)."""

@@ -284,6 +284,14 @@ MUTATIONS = [
         ("tests/test_gaudi_gemma3_attention.py::test_blank_images_padding_a_batch_on_gaudi_change_nothing",),
     ),
     Mutation(
+        "mixed_batch_prompts_right_padded",
+        "generation prompts of a batch mixing rows with and without images are right-padded: generation continues "
+        "the shorter ones after their padding",
+        'if padding_side == "left" else',
+        'if padding_side == "never" else',
+        ("tests/test_model_families.py::test_a_batch_mixing_rows_with_and_without_images_holds_each_row_as_alone",),
+    ),
+    Mutation(
         "pack_rows_see_each_other",
         "with --packing an all-ones attention_mask goes with each pack: transformers then reads no row boundaries "
         "from position_ids and every row attends to the rows before it in its pack",

@@ -180,3 +180,35 @@ def test_fixed_image_size_gives_every_qwen_image_the_same_token_count(family_mod
 def test_pixel_budget_flags_are_refused_for_fixed_resolution_families(processor):
     with pytest.raises(ValueError, match="qwen2_5_vl"):
         make_collator(processor, script_args("--image_max_pixels", "1000").data, ["image", "question", "answer"])
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen2_5_vl", "llava_next"])
+def test_a_batch_mixing_rows_with_and_without_images_holds_each_row_as_alone(name, family_models):
+    """Processors refuse a batch where some rows have no image; the encoder processes the two kinds apart."""
+    def row(image, question, answer):
+        user = [{"type": "image"}] * (image is not None) + [{"type": "text", "text": question}]
+        return {"images": [image] if image is not None else [],
+                "messages": [{"role": "user", "content": user},
+                             {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+    processor = processor_for(family_models[name])
+    collator = make_collator(processor, script_args().data, ("images", "messages"), family=name)
+    rows = [row(Image.new("RGB", (64, 48), "red"), "What is it?", "A red square"),
+            row(None, "Say hi, please, at some length?", "hi"), row(Image.new("RGB", (40, 40), "blue"), "Q?", "blue")]
+    features = [{"row": r, "split": "train", "row_index": i} for i, r in enumerate(rows)]
+    batch, alone = collator(features), [collator([feature]) for feature in features]
+    for i, single in enumerate(alone):
+        length = single["input_ids"].shape[1]
+        assert batch["input_ids"][i, :length].tolist() == single["input_ids"][0].tolist()
+        assert batch["labels"][i, :length].tolist() == single["labels"][0].tolist()
+        assert not batch["attention_mask"][i, length:].any()
+    assert torch.equal(batch["pixel_values"], torch.cat([alone[0]["pixel_values"], alone[2]["pixel_values"]]))
+    # Generation's prompts: left-padded tensors, each row's tokens as alone.
+    encoder = collator.encoder
+    prompts = [encoder.generation_prompt(r) for r in rows]
+    mixed = encoder.process([p[0] for p in prompts], [p[1] for p in prompts], padding_side="left", return_tensors="pt")
+    for i, (text, images, *_) in enumerate(prompts):
+        single = encoder.process([text], [images], padding_side="left", return_tensors="pt")
+        length = single["input_ids"].shape[1]
+        assert mixed["input_ids"][i, -length:].tolist() == single["input_ids"][0].tolist()
+        assert mixed["attention_mask"][i].sum() == length
