@@ -2,8 +2,8 @@
 """Runs run_lora_vlm.main() as one rank and records what this rank saw, for the multi-rank tests.
 
 Used as the script given to gaudi_spawn.py: `gaudi_spawn.py --world_size 2 --use_mpi tests/record_rows_main.py
---record_dir DIR <run_lora_vlm flags>`. For each rank it writes DIR/rank<R>.json with the training rows its
-collator received (split, row index, epoch order), its world size, its training loss log and its eval metrics.
+--record_dir DIR <run_lora_vlm flags>`. For each rank it writes DIR/rank<R>.json with the rows its collator
+received (split, row index, epoch order), its world size, its training loss log and its eval metrics.
 """
 
 import json
@@ -24,7 +24,9 @@ def main() -> None:
     original_call = run_lora_vlm.VisionChatCollator.__call__
 
     def recording_call(self, features):
-        seen.extend([feature["split"], feature["row_index"]] for feature in features)
+        # With --packing each item is a pack, a list of rows.
+        rows = [row for item in features for row in (item if isinstance(item, list) else [item])]
+        seen.extend([row["split"], row["row_index"]] for row in rows)
         return original_call(self, features)
 
     run_lora_vlm.VisionChatCollator.__call__ = recording_call

@@ -1,5 +1,6 @@
 # Licensed under the Apache License, Version 2.0 (the "License").
-"""Gradient accumulation is exact: 4 accumulated batches of 1 train like one batch of 4."""
+"""Gradient accumulation is exact: 4 accumulated batches of 1 train like one batch of 4, and with --packing 2
+accumulated packs like a batch of 2 packs."""
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ def lora_weights(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
 
-def run(assets, output_dir, batch_size, accumulation, monkeypatch):
+def run(assets, output_dir, batch_size, accumulation, monkeypatch, *extra):
     """(LoRA weights before training, after it, logged losses) of a 2-step run."""
     initial = {}
     build_trainer = rlv.build_trainer
@@ -27,16 +28,19 @@ def run(assets, output_dir, batch_size, accumulation, monkeypatch):
         "--per_device_train_batch_size", str(batch_size), "--gradient_accumulation_steps", str(accumulation),
         # Plain SGD moves the weights by exactly lr x gradient, so equal weights mean equal gradients.
         "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--lora_dropout", "0",
-        "--max_grad_norm", "0",
+        "--max_grad_norm", "0", *extra,
     ))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return initial, lora_weights(trainer.model), losses
 
 
-def test_accumulating_four_batches_of_one_equals_one_batch_of_four(assets, tmp_path, monkeypatch):
-    initial, lora_a, losses_a = run(assets, tmp_path / "batch4", batch_size=4, accumulation=1, monkeypatch=monkeypatch)
-    initial_b, lora_b, losses_b = run(assets, tmp_path / "accumulate4", batch_size=1, accumulation=4,
-                                      monkeypatch=monkeypatch)
+# Packs of 64 tokens hold two of the tiny rows (25-28 tokens): 2 packs of 2 rows per step, with the rows' trained
+# tokens differing from pack to pack.
+@pytest.mark.parametrize("batch_size, extra", [(4, ()), (2, ("--packing", "--packing_length", "64"))],
+                         ids=["rows", "packs"])
+def test_accumulating_batches_of_one_equals_one_larger_batch(assets, tmp_path, monkeypatch, batch_size, extra):
+    initial, lora_a, losses_a = run(assets, tmp_path / "batch", batch_size, 1, monkeypatch, *extra)
+    initial_b, lora_b, losses_b = run(assets, tmp_path / "accumulate", 1, batch_size, monkeypatch, *extra)
     # The tiny charts' answers range from one token ("3") to several ("orange", "Yes"), so a per-batch mean
     # (the usual bug) would weigh them differently and fail this.
     assert losses_a == pytest.approx(losses_b, rel=1e-4)

@@ -103,3 +103,23 @@ def test_a_preempted_job_ends_only_once_rank_0_has_written_the_checkpoint(assets
     seen = {path.name: path.read_text().split() for path in output_dir.glob("rank*-*")}
     assert seen.get("rank0-finished") == ["rank1-finished"], seen  # rank 0 was the last to finish training
     assert "rank0-finished" in seen.get("rank1-exit", []), seen  # and rank 1 left only after that
+
+
+def test_two_ranks_share_out_packs_and_evaluate_them_as_one_process_unpacked(assets, tmp_path):
+    """--packing on two ranks: packs of two rows (64 tokens) shared out like rows, every training row once; the
+    evaluation's 5 rows make 3 packs, so accelerate repeats one on rank 1, which must not count twice."""
+    flags = ("--max_eval_samples", "5", "--per_device_eval_batch_size", "1")
+    ranks, _ = spawn(assets, tmp_path / "out", tmp_path / "record", 2, "--do_train", "--do_eval", "--packing",
+                     "--packing_length", "64", "--max_train_samples", "12", "--per_device_train_batch_size", "1",
+                     "--num_train_epochs", "1", *flags)
+    train_rows = [[tuple(x) for x in r["rows_seen"] if x[0] == "train"] for r in ranks]
+    train_rows[0] = train_rows[0][1:]  # the logged sample
+    assert sorted(train_rows[0] + train_rows[1]) == [("train", i) for i in range(12)]
+    assert len(train_rows[0]) == len(train_rows[1]) == 6
+    assert ranks[0]["lora"] == ranks[1]["lora"]
+    assert ranks[0]["eval"]["eval_loss"] == ranks[1]["eval"]["eval_loss"]
+    # The trained adapter evaluated by one process, unpacked.
+    one = run_training(train_argv(assets, tmp_path / "one", "--do_eval", "--adapter_path", str(tmp_path / "out"),
+                                  *flags))
+    unpacked = next(entry for entry in one.state.log_history if "eval_loss" in entry)["eval_loss"]
+    assert ranks[0]["eval"]["eval_loss"] == pytest.approx(unpacked, rel=1e-5)

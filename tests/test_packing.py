@@ -168,3 +168,33 @@ def test_a_packed_run_reports_padding_and_evaluates_the_untouched_model_as_unpac
     # The same packs before and after training; rows of 25-28 tokens in packs of 32 leave 4-7 tokens of padding each.
     assert packed["eval_before_padding_fraction"] == packed["eval_padding_fraction"]
     assert 4 / 32 <= packed["eval_padding_fraction"] <= 7 / 32
+
+
+def test_a_packed_run_stopped_and_resumed_trains_as_an_uninterrupted_one(assets, tmp_path, monkeypatch):
+    import signal
+
+    from interrupted_main import with_signal_at_step
+    from safetensors.torch import load_file
+
+    def argv(output_dir):
+        return train_argv(assets, output_dir, "--do_train", "--packing", "--packing_length", "64",
+                          "--max_train_samples", "16", "--per_device_train_batch_size", "1", "--max_steps", "4",
+                          "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1")
+
+    def losses(trainer):
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    uninterrupted = run_training(argv(tmp_path / "uninterrupted"))
+    monkeypatch.setattr(rlv, "build_trainer", with_signal_at_step(rlv.build_trainer, 2, signal.SIGTERM))
+    fallback = signal.signal(signal.SIGTERM, lambda signum, frame: pytest.fail("SIGTERM reached no handler"))
+    try:
+        with pytest.raises(SystemExit):
+            run_training(argv(tmp_path / "resumed"))
+    finally:
+        signal.signal(signal.SIGTERM, fallback)
+    monkeypatch.undo()
+    resumed = run_training(argv(tmp_path / "resumed"))
+    # The packs after the checkpoint are the ones the uninterrupted run trained on: the same losses and adapter.
+    assert losses(resumed) == pytest.approx(losses(uninterrupted), rel=1e-5) and len(losses(resumed)) == 4
+    a, b = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("resumed", "uninterrupted"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
