@@ -10,6 +10,7 @@ test_gaudi_gemma3_attention.py.
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -198,3 +199,57 @@ def test_a_packed_run_stopped_and_resumed_trains_as_an_uninterrupted_one(assets,
     assert losses(resumed) == pytest.approx(losses(uninterrupted), rel=1e-5) and len(losses(resumed)) == 4
     a, b = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("resumed", "uninterrupted"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--packing_length", "64"), r"^--packing_length sets the length of --packing's packs; add --packing"),
+    (("--packing", "--packing_length", "0"), r"^--packing_length must be a positive integer, got 0"),
+    (("--packing", "--validate_rows", "none"), r"^--packing fills packs from the rows' token lengths, which "
+                                               r"--validate_rows none does not measure"),
+    (("--packing", "--attn_implementation", "flash_attention_2", "--per_device_train_batch_size", "2"),
+     r"^--packing with --attn_implementation flash_attention_2 needs --per_device_train_batch_size 1"),
+])
+def test_packing_flags_that_cannot_work_are_refused_in_one_line(flags, message):
+    with pytest.raises(rlv.UsageError, match=message):
+        script_args(*flags)
+
+
+def _rows(lengths):
+    return rlv.IndexedRows(None, "train", np.arange(len(lengths)), np.asarray(lengths), np.zeros(len(lengths), int))
+
+
+def test_a_pack_length_shorter_than_a_row_and_packing_on_other_gaudi_ports_are_refused(processor, family_models):
+    from types import SimpleNamespace
+
+    data_args = script_args("--packing", "--packing_length", "40").data
+    with pytest.raises(rlv.UsageError, match=r"^--packing_length 40 is shorter than the longest row \(50 tokens\)"):
+        rlv.settle_packs({"train": _rows([30, 50])}, data_args, seed=0)
+    qwen = rlv.load_processor(rlv.ModelArguments(model_name_or_path=family_models["qwen2_5_vl"]))[2]
+    encoder = make_collator(qwen, script_args("--packing").data, ["image", "query", "label"], family="qwen2_5_vl").encoder
+    gaudi = SimpleNamespace(use_habana=True, use_lazy_mode=True, seed=0)
+    with pytest.raises(rlv.UsageError, match=r"^--packing on Gaudi keeps a pack's rows apart for Gemma 3 only"):
+        rlv.settle_length_buckets(encoder, {"train": _rows([30, 50])}, gaudi)
+    gemma3 = make_collator(processor, script_args("--packing").data, ["image", "query", "label"]).encoder
+    rlv.settle_length_buckets(gemma3, {"train": _rows([30, 50])}, gaudi)
+    assert gemma3.data_args.packing_length == 80  # 30 + 50, both rows in one pack
+
+
+def test_the_start_up_log_says_what_packing_would_leave_where_buckets_pad_much(processor, caplog):
+    from types import SimpleNamespace
+
+    training = SimpleNamespace(seed=0, per_device_train_batch_size=8)
+    # Lengths spread from 20 to 1000 tokens: batches of 8 padded to buckets leave far more than 15%.
+    lengths = np.random.default_rng(0).integers(20, 1000, size=400)
+    encoder = make_collator(processor, script_args("--padding_strategy", "bucket").data, ["image", "query", "label"]
+                            ).encoder
+    with caplog.at_level("INFO", logger="run_lora_vlm"):
+        rlv.settle_length_buckets(encoder, {"train": _rows(lengths)}, training)
+    bucketed = float(re.search(r"about ([\d.]+)% padding in batches of 8", caplog.text).group(1))
+    packed = float(re.search(r"--packing would leave about ([\d.]+)% padding here", caplog.text).group(1))
+    assert bucketed > 15 and packed < 3
+    # Little padding: no word of packing.
+    caplog.clear()
+    encoder.data_args.length_buckets = None
+    with caplog.at_level("INFO", logger="run_lora_vlm"):
+        rlv.settle_length_buckets(encoder, {"train": _rows([100] * 50)}, training)
+    assert "Length buckets" in caplog.text and "--packing" not in caplog.text
