@@ -2066,8 +2066,9 @@ class ChatEncoder:
     def blank_pixel_rows(self, count: int) -> torch.Tensor:
         """`count` rows of pixel_values as this processor shapes an image (fixed-size families), all zero."""
         if self.pixel_row_shape is None:
-            blank = self.processor.image_processor(Image.new("RGB", (32, 32)), return_tensors="np", do_pan_and_scan=False)
-            self.pixel_row_shape = blank["pixel_values"].shape[1:]
+            blank = Image.new("RGB", (32, 32))
+            processed = self.processor.image_processor(blank, return_tensors="np", do_pan_and_scan=False)
+            self.pixel_row_shape = processed["pixel_values"].shape[1:]
         return torch.zeros((count, *self.pixel_row_shape), dtype=torch.float32)
 
     def stand_in_row(self) -> EncodedRow:

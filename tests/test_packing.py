@@ -225,7 +225,8 @@ def test_a_pack_length_shorter_than_a_row_and_packing_on_other_gaudi_ports_are_r
     with pytest.raises(rlv.UsageError, match=r"^--packing_length 40 is shorter than the longest row \(50 tokens\)"):
         rlv.settle_packs({"train": _rows([30, 50])}, data_args, seed=0)
     qwen = rlv.load_processor(rlv.ModelArguments(model_name_or_path=family_models["qwen2_5_vl"]))[2]
-    encoder = make_collator(qwen, script_args("--packing").data, ["image", "query", "label"], family="qwen2_5_vl").encoder
+    columns = ["image", "query", "label"]
+    encoder = make_collator(qwen, script_args("--packing").data, columns, family="qwen2_5_vl").encoder
     gaudi = SimpleNamespace(use_habana=True, use_lazy_mode=True, seed=0)
     with pytest.raises(rlv.UsageError, match=r"^--packing on Gaudi keeps a pack's rows apart for Gemma 3 only"):
         rlv.settle_length_buckets(encoder, {"train": _rows([30, 50])}, gaudi)
@@ -253,3 +254,24 @@ def test_the_start_up_log_says_what_packing_would_leave_where_buckets_pad_much(p
     with caplog.at_level("INFO", logger="run_lora_vlm"):
         rlv.settle_length_buckets(encoder, {"train": _rows([100] * 50)}, training)
     assert "Length buckets" in caplog.text and "--packing" not in caplog.text
+
+
+def test_on_gaudi_every_pack_batch_has_one_shape_images_included(processor, chart_rows):
+    """Packs of different rows, one or two images each: with gaudi_image_rows_per_row's bound for packs, every
+    tensor of every batch has one shape (one lazy-mode graph); the blank images come after the real ones."""
+    from types import SimpleNamespace
+
+    collator = _packed_collator(processor.tokenizer.name_or_path, "gemma3", 96)
+    features = _features(chart_rows)
+    packs = [[features[:3]], [features[3:]]]  # three rows (three images), then one
+    rows = rlv.IndexedRows(None, "train", np.arange(4), np.array([28, 28, 28, 28]), np.ones(4, int))
+    rows.packs = [np.arange(3), np.arange(3, 4)]
+    gaudi = SimpleNamespace(use_habana=True, use_lazy_mode=True)
+    collator.image_rows_per_row = rlv.gaudi_image_rows_per_row(collator.encoder, {"train": rows}, gaudi)
+    assert collator.image_rows_per_row[96] == 3
+    batches = [collator(pack) for pack in packs]
+    shapes = [{k: tuple(v.shape) for k, v in batch.items() if torch.is_tensor(v)} for batch in batches]
+    assert shapes[0] == shapes[1] and shapes[0]["pixel_values"][0] == 3
+    unpadded = _packed_collator(processor.tokenizer.name_or_path, "gemma3", 96)(packs[1])
+    assert torch.equal(batches[1]["pixel_values"][:1], unpadded["pixel_values"])
+    assert not batches[1]["pixel_values"][1:].any()
