@@ -496,6 +496,27 @@ def check_paths(args: ScriptArguments) -> None:
             raise UsageError(f"--{flag} {value}: no such {'file' if flag == 'predict_image' else 'folder'}.")
 
 
+def check_adapter_crops(args: ScriptArguments) -> None:
+    """A run that evaluates, predicts with, merges or asks a question of an adapter trained with --pan_and_scan (its
+    saved processor crops) but is not given the flag would show it no crops: refused in one line naming the flags
+    that crop as in training. Given other crop settings than training's, the run uses them: an explicit choice."""
+    if args.data.pan_and_scan or (args.training.do_train and not training_finished(args.training)):
+        return
+    adapter = adapter_for_run(args)
+    saved = Path(adapter or "", "preprocessor_config.json")
+    settings = {}
+    if adapter is not None and saved.is_file():
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            settings = json.loads(saved.read_text())
+    for family in MODEL_FAMILIES.values():
+        names = family.pan_and_scan_kwargs
+        if names and settings.get(names[0]):
+            flags = " ".join(f"--{flag} {settings[name]}" for flag, name in zip(PAN_AND_SCAN_FLAGS[1:], names[1:])
+                             if name in settings)
+            raise UsageError(f"The adapter in {adapter} was trained on images and their pan-and-scan crops, which "
+                             f"this run would not show it: add --pan_and_scan {flags}")
+
+
 def cached_on_hub(repo_id: str, filename: str, model_args: ModelArguments, pinned: bool) -> bool:
     """Whether the Hub cache holds `filename` of `repo_id`: at --model_revision for the model (`pinned`), at the default
     branch for an adapter, which is loaded there."""
@@ -607,6 +628,7 @@ def cli(argv: Optional[list[str]] = None) -> int:
     try:
         args = parse_args(argv)
         check_paths(args)
+        check_adapter_crops(args)
         if args.run.predict_image is not None:
             print(answer_one_question(args))
         elif args.run.merge_adapter and not (args.training.do_train or args.training.do_eval

@@ -292,6 +292,13 @@ MUTATIONS = [
         ("tests/test_model_families.py::test_a_batch_mixing_rows_with_and_without_images_holds_each_row_as_alone",),
     ),
     Mutation(
+        "adapter_crops_dropped_on_rerun",
+        "an adapter trained with --pan_and_scan, evaluated by a rerun without the flag, is shown no crops",
+        "        check_adapter_crops(args)\n",
+        "",
+        ("tests/test_pan_and_scan.py::test_an_adapter_trained_with_crops_is_not_evaluated_without_them",),
+    ),
+    Mutation(
         "pack_rows_see_each_other",
         "with --packing an all-ones attention_mask goes with each pack: transformers then reads no row boundaries "
         "from position_ids and every row attends to the rows before it in its pack",

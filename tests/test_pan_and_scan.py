@@ -245,3 +245,15 @@ def test_gaudi_generation_pads_every_prompt_batch_to_one_pixel_shape(fresh_proce
     evaluator.generate(RecordingModel(), [feature(rows[0], 0), feature(rows[1], 1)])  # 5 + 1 images
     evaluator.generate(RecordingModel(), [feature(rows[2], 2)])  # 1 image, its copy filling the batch: 2
     assert images_seen == [2 * 5, 2 * 5]
+
+
+def test_an_adapter_trained_with_crops_is_not_evaluated_without_them(assets, tmp_path, capsys):
+    trained = train_argv(assets, tmp_path, "--do_train", "--max_steps", "1", "--max_train_samples", "8", *CROP_FLAGS)
+    assert rlv.cli(trained) == 0, capsys.readouterr().err[-2000:]
+    capsys.readouterr()
+    evaluate = train_argv(assets, tmp_path, "--do_eval", "--max_eval_samples", "4")
+    assert rlv.cli(evaluate) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message == (f"error: The adapter in {tmp_path} was trained on images and their pan-and-scan crops, which "
+                       f"this run would not show it: add {' '.join(CROP_FLAGS)}")
+    assert rlv.cli(evaluate + list(CROP_FLAGS)) == 0
