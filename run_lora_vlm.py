@@ -3360,8 +3360,10 @@ def answer_one_question(args: ScriptArguments) -> str:
         raise UsageError(f"--predict_image {args.run.predict_image}: no such file.")
     setup_run(args.training)
     model, processor, family = load_model_with_adapter(args)
+    use_gemma3_reference_attention(model, args.training)  # on Gaudi, the port answers as upstream Gemma 3 would
     encoder = ChatEncoder(processor, family, DatasetSchema("question_answer", "image", "question", "answer"), args.data)
-    generator = GenerationEvaluator(encoder, SkippedRows(None, "error"), args.evaluation, batch_size=1)
+    generator = GenerationEvaluator(encoder, SkippedRows(None, "error"), args.evaluation, batch_size=1,
+                                    generate_options=hpu_generation_options(args.training))
     feature = {"row": {"image": args.run.predict_image, "question": args.run.predict_question, "answer": "unused"},
                "split": "command line", "row_index": 0}
     return generator.generate(model.to(args.training.device), [feature])[0]["prediction"]
@@ -3407,8 +3409,8 @@ def hpu_generation_options(training_args) -> dict:
     """optimum-habana's generate() options on Gaudi: lazy mode and HPU graphs (both off unless passed,
     optimum/habana/transformers/generation/utils.py:1196-1197), static shapes, and stopping at the end tokens, which
     lazy mode would otherwise ignore (utils.py:1048-1049 takes ignore_eos from lazy_mode) and go on generating."""
-    if not getattr(training_args, "use_habana", False):
-        return {}
+    if not getattr(training_args, "use_habana", False) or training_args.use_cpu:
+        return {}  # --use_cpu: GaudiTrainingArguments leaves transformers' own generate() (training_args.py:1053-1062)
     lazy = training_args.use_lazy_mode
     # HPU graphs need lazy mode (generation/utils.py:1334); hpu_generation_model wraps the model generate() runs.
     return {"lazy_mode": lazy, "hpu_graphs": lazy and training_args.use_hpu_graphs_for_inference, "static_shapes": lazy,

@@ -299,6 +299,13 @@ MUTATIONS = [
         ("tests/test_pan_and_scan.py::test_an_adapter_trained_with_crops_is_not_evaluated_without_them",),
     ),
     Mutation(
+        "one_question_without_reference_attention",
+        "on Gaudi, --predict_image answers with optimum-habana's Gemma 3 masks (image tokens attend causally only)",
+        "    use_gemma3_reference_attention(model, args.training)  # on Gaudi, the port answers",
+        "    (model, args.training)  # on Gaudi, the port answers",
+        ("tests/test_generation_eval.py::test_one_question_attends_and_generates_as_evaluation_does",),
+    ),
+    Mutation(
         "pack_rows_see_each_other",
         "with --packing an all-ones attention_mask goes with each pack: transformers then reads no row boundaries "
         "from position_ids and every row attends to the rows before it in its pack",

@@ -13,6 +13,7 @@ import torch
 
 import run_lora_vlm as rlv
 import tiny_assets
+from PIL import Image
 from conftest import REPO_ROOT, launch_command, needs_mpirun, run_training, train_argv
 
 FAMILIES = ["gemma3", "qwen2_5_vl", "llava_next"]
@@ -160,3 +161,32 @@ def test_two_mpi_ranks_gather_the_same_generation_metrics_as_one_process(assets,
     for name in ("eval_relaxed_accuracy", "eval_exact_match", "eval_anls", "eval_samples"):
         assert two[name] == one[name], name
     assert read_jsonl(tmp_path / "two" / "predictions.jsonl") == read_jsonl(tmp_path / "one" / "predictions.jsonl")
+
+
+def test_one_question_attends_and_generates_as_evaluation_does(assets, tmp_path, monkeypatch, capsys):
+    """--predict_image goes through the same Gaudi wiring as --generation_eval: the reference attention on the model
+    (on Gaudi, optimum-habana's Gemma 3 port answers as upstream then: test_gaudi_gemma3_attention.py) and the HPU
+    generate() options, recorded here on CPU (the options stood in for by a harmless one generate() takes)."""
+    seen = {"reference_attention": [], "options": []}
+    use_reference, generation_model = rlv.use_gemma3_reference_attention, rlv.hpu_generation_model
+    monkeypatch.setattr(rlv, "use_gemma3_reference_attention",
+                        lambda model, args: seen["reference_attention"].append(model) or use_reference(model, args))
+    monkeypatch.setattr(rlv, "hpu_generation_options", lambda args: {"num_beams": 1})
+    monkeypatch.setattr(rlv, "hpu_generation_model",
+                        lambda model, options: seen["options"].append(options) or generation_model(model, options))
+    image = tmp_path / "chart.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
+    argv = ["--model_name_or_path", assets["model"], "--output_dir", str(tmp_path / "out"), "--predict_image",
+            str(image), "--predict_question", "Which bar?", "--generation_max_new_tokens", "2"]
+    assert rlv.cli(argv) == 0, capsys.readouterr().err[-2000:]
+    assert len(seen["reference_attention"]) == 1 and seen["options"] == [{"num_beams": 1}]
+
+
+def test_hpu_generation_options_are_none_where_gaudi_arguments_run_on_cpu():
+    from types import SimpleNamespace
+
+    gaudi = dict(use_habana=True, use_lazy_mode=True, use_hpu_graphs_for_inference=False)
+    assert rlv.hpu_generation_options(SimpleNamespace(**gaudi, use_cpu=False)) == {
+        "lazy_mode": True, "hpu_graphs": False, "static_shapes": True, "ignore_eos": False}
+    # --use_cpu: GaudiTrainingArguments installs none of optimum-habana's generate(), which alone takes these.
+    assert rlv.hpu_generation_options(SimpleNamespace(**gaudi, use_cpu=True)) == {}
