@@ -10,10 +10,10 @@ import subprocess
 import datasets
 import pytest
 import torch
+from PIL import Image
 
 import run_lora_vlm as rlv
 import tiny_assets
-from PIL import Image
 from conftest import REPO_ROOT, launch_command, needs_mpirun, run_training, train_argv
 
 FAMILIES = ["gemma3", "qwen2_5_vl", "llava_next"]
