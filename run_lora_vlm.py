@@ -178,8 +178,8 @@ class DataArguments:
         "--per_device_*_batch_size then counts packs. Generation is not packed. Needs --validate_rows full.")
     packing_length: Optional[int] = arg(
         None, "Tokens per pack with --packing (one fixed shape). Default: chosen from the rows' measured lengths, the "
-        "shortest multiple of 16 holding the longest row that packs them with at most 3% padding (else the one with "
-        "least).")
+        "shortest multiple of 16, from the one holding the longest row up to 4 times that, that packs them with at "
+        "most 3% padding (else the one leaving least).")
     invalid_rows: str = arg("error", "What a bad row does: 'error' stops at the first one naming it; 'skip' drops it, "
                             "counts it and lists it in skipped_rows.json.", ["error", "skip"])
     validate_rows: str = arg(
@@ -1752,23 +1752,47 @@ def settle_packs(splits: dict, data_args: DataArguments, seed: int) -> None:
 
 # Rows per shuffled window packed best-fit-decreasing: larger windows pack tighter, smaller keep the order more random.
 PACKING_WINDOW = 1024
-# choose_packing_length: the padding a pack length should leave at most; the multiples of the longest row it tries.
+# choose_packing_length: the padding a pack length should leave at most; the longest pack it tries, in multiples of
+# the shortest holding the longest row (attention's cost grows with the pack's square).
 PACKING_PADDING_TARGET = 0.03
-PACKING_LENGTH_FACTORS = (1, 1.25, 1.5, 2, 3, 4)
+PACKING_MAX_LENGTH_FACTOR = 4
 
 
-def choose_packing_length(lengths: np.ndarray, seed: int, multiple: int = 16) -> int:
-    """The pack length: the shortest multiple of `multiple` holding the longest row, times one of
-    PACKING_LENGTH_FACTORS, whose packs leave at most PACKING_PADDING_TARGET padding; else the one leaving least.
-    Longer packs pack tighter but attend over more tokens (attention's cost grows with the pack's square)."""
+def choose_packing_length(lengths: np.ndarray, seed: int, multiple: int = 16, tries: int = 64) -> int:
+    """The pack length: the shortest multiple of `multiple` holding the longest row, up to PACKING_MAX_LENGTH_FACTOR
+    times that, whose packs leave at most PACKING_PADDING_TARGET padding; else the one leaving least (the shorter of
+    equals). Longer packs pack tighter but attend over more tokens, hence the shortest.
+
+    Every multiple is a candidate: with few rows per window the padding rises and falls with the length (a window's
+    last pack is only part full), so a short list of lengths can miss every low point. A lower bound on each length's
+    packs (per window: as many as its tokens fill, and no fewer than its rows over half the length, which cannot share
+    a pack) skips the lengths that cannot meet the target or beat the best found; at most `tries` lengths are packed."""
+    lengths = np.asarray(lengths, dtype=np.int64)
     shortest = -(-int(lengths.max()) // multiple) * multiple
+    candidates = np.arange(shortest, shortest * PACKING_MAX_LENGTH_FACTOR + 1, multiple, dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(lengths))  # pack_rows' windows
+    fewest = np.zeros(len(candidates), dtype=np.int64)
+    for start in range(0, len(order), PACKING_WINDOW):
+        window = np.sort(lengths[order[start:start + PACKING_WINDOW]])
+        over_half = len(window) - np.searchsorted(window, candidates // 2, side="right")
+        fewest += np.maximum(-(-int(window.sum()) // candidates), over_half)
+    least = 1 - float(lengths.sum()) / (candidates * fewest)  # no pack length leaves less padding than this
     padding = {}
-    for factor in PACKING_LENGTH_FACTORS:
-        length = -(-int(shortest * factor) // multiple) * multiple
+
+    def pack(i: int) -> float:
+        length = int(candidates[i])
         padding[length] = packing_padding(pack_rows(lengths, length, seed), lengths, length)
-        if padding[length] <= PACKING_PADDING_TARGET:
-            return length
-    return min(padding, key=padding.get)
+        return padding[length]
+
+    for i in np.flatnonzero(least <= PACKING_PADDING_TARGET)[:tries]:  # shortest first
+        if pack(i) <= PACKING_PADDING_TARGET:
+            return int(candidates[i])
+    for i in np.argsort(least, kind="stable"):  # none within the target: least padding, lowest bound first
+        if padding and (least[i] >= min(padding.values()) or len(padding) >= tries):
+            break
+        if int(candidates[i]) not in padding:
+            pack(i)
+    return min(padding, key=lambda length: (padding[length], length))
 
 
 def pack_rows(lengths: np.ndarray, length: int, seed: int, window: int = PACKING_WINDOW) -> list[np.ndarray]:

@@ -50,12 +50,20 @@ def test_packs_hold_whole_rows_every_row_once_within_the_length_seeded():
     assert padding == 1 - lengths.sum() / (len(packs) * 256)
 
 
-def test_pack_length_is_the_shortest_listed_that_packs_within_the_target():
+def test_pack_length_is_the_shortest_that_packs_within_the_target():
     lengths = np.array([80] * 4 + [48] * 4)
-    # 80 tokens: every row alone, 20% padding; 112 (1.25 x 80, rounded up to 16): 80 alone, 48 + 48, 24%;
-    # 128 (1.5 x 80): 80 + 48 in every pack, no padding.
+    # 80 tokens: every row alone, 20% padding; 96 and 112: 80 alone, 48 + 48, 11% and 24%; 128: 80 + 48 in every
+    # pack, no padding.
     assert rlv.choose_packing_length(lengths, seed=0) == 128
     assert rlv.choose_packing_length(np.array([64] * 4 + [32] * 8), seed=0) == 64
+    # Rows of 56: 64 leaves 12.5%, and so does every multiple of 64; 112 (not a round multiple of 64) holds two exactly.
+    assert rlv.choose_packing_length(np.array([56] * 4), seed=0) == 112
+    # Four rows of 41: no length up to 4 x 48 packs them within 3% (48, 96, 192: 14.6%; 128: three rows, then one
+    # alone, 36%); the least padding is all four in one pack of 176 (6.8%).
+    lengths = np.array([41] * 4)
+    paddings = {n: rlv.packing_padding(rlv.pack_rows(lengths, n, 0), lengths, n) for n in range(48, 4 * 48 + 1, 16)}
+    assert min(paddings.values()) > rlv.PACKING_PADDING_TARGET
+    assert rlv.choose_packing_length(lengths, seed=0) == min(paddings, key=paddings.get) == 176
 
 
 def _features(chart_rows):
