@@ -165,7 +165,8 @@ def test_a_pack_whose_rows_see_each_other_fails_parity(family_models, chart_rows
 def test_a_packed_run_reports_padding_and_evaluates_the_untouched_model_as_unpacked(assets, tmp_path):
     flags = ("--max_eval_samples", "8", "--max_train_samples", "16", "--per_device_eval_batch_size", "2")
     run_training(train_argv(assets, tmp_path / "packed", "--do_train", "--do_eval", "--eval_before_training",
-                            "--max_steps", "2", "--per_device_train_batch_size", "2", "--packing", *flags))
+                            "--max_steps", "2", "--per_device_train_batch_size", "2", "--packing", "--packing_length",
+                            "32", *flags))
     run_training(train_argv(assets, tmp_path / "rows", "--do_eval", *flags))
     packed = json.loads((tmp_path / "packed" / "all_results.json").read_text())
     rows = json.loads((tmp_path / "rows" / "all_results.json").read_text())
@@ -174,9 +175,12 @@ def test_a_packed_run_reports_padding_and_evaluates_the_untouched_model_as_unpac
     for results, key in ((packed, "train_padding_fraction"), (packed, "eval_padding_fraction"),
                          (rows, "eval_padding_fraction")):
         assert 0 <= results[key] < 1, (key, results[key])
-    # The same packs before and after training; rows of 25-28 tokens in packs of 32 leave 4-7 tokens of padding each.
+    # The same packs before and after training; rows of 25-28 tokens, one per pack of 32, leave 4-7 tokens of
+    # padding each; unpacked batches of two rows of 25-28 tokens, padded to the longer, at most 3 in 56.
     assert packed["eval_before_padding_fraction"] == packed["eval_padding_fraction"]
-    assert 4 / 32 <= packed["eval_padding_fraction"] <= 7 / 32
+    for key in ("train_padding_fraction", "eval_padding_fraction"):
+        assert 4 / 32 <= packed[key] <= 7 / 32, (key, packed[key])
+    assert rows["eval_padding_fraction"] <= 3 / 56
 
 
 def test_a_packed_run_stopped_and_resumed_trains_as_an_uninterrupted_one(assets, tmp_path, monkeypatch):
