@@ -2741,18 +2741,21 @@ class TrainingLossMonitor(transformers.TrainerCallback):
 
     def packed_evaluation_loss(self, token_losses: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
         """evaluation_loss for packs: each target token's row (row_ids of the token a loss position predicts), its
-        sums added up per row in this batch, then copied into the rows' slots (a whole row is in one batch)."""
+        sums added up per row within each pack, then copied into the rows' slots (a whole row is in one pack). A pack
+        accelerate repeats to fill a batch (even_batches) is taken once: its rows' sums are equal, the largest kept."""
         row_ids = self.row_ids.to(token_losses.device)[:, 1:]
         if self.kept_positions is not None:  # laid out as labels_at_kept_positions lays out the labels
             row_ids = torch.nn.functional.pad(row_ids, (0, 1), value=-1)
             row_ids = row_ids.index_select(1, self.kept_positions.to(row_ids.device))
         slots = torch.where(row_ids >= 0, torch.searchsorted(self.evaluation_rows, row_ids.contiguous()),
-                            len(self.evaluation) - 1).flatten()
-        per_token = torch.stack([token_losses.flatten(), trained.flatten().float()], dim=1)
-        per_row = torch.zeros_like(self.evaluation).index_add_(0, slots, per_token)
-        seen = torch.zeros(len(self.evaluation), dtype=torch.bool, device=slots.device).index_fill_(0, slots, True)
-        self.evaluation = torch.where(seen.view(-1, 1), per_row, self.evaluation)
-        return per_token[:, 0].sum() / per_token[:, 1].sum().clamp(min=1)
+                            len(self.evaluation) - 1)
+        per_token = torch.stack([token_losses, trained.float()], dim=-1)  # (packs, positions, 2)
+        per_pack = torch.zeros((len(slots), *self.evaluation.shape), dtype=self.evaluation.dtype, device=slots.device)
+        per_pack.scatter_add_(1, slots.unsqueeze(-1).expand_as(per_token), per_token)
+        seen = torch.zeros(len(self.evaluation), dtype=torch.bool, device=slots.device).index_fill_(0, slots.flatten(),
+                                                                                                   True)
+        self.evaluation = torch.where(seen.view(-1, 1), per_pack.amax(dim=0), self.evaluation)
+        return per_token[..., 0].sum() / per_token[..., 1].sum().clamp(min=1)
 
     def finish_evaluation(self) -> Optional[float]:
         """The per-token mean loss over the split, summed over ranks (one sync); None without trained tokens."""

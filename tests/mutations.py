@@ -306,6 +306,14 @@ MUTATIONS = [
         ("tests/test_generation_eval.py::test_one_question_attends_and_generates_as_evaluation_does",),
     ),
     Mutation(
+        "repeated_eval_pack_counted_twice",
+        "with --packing on several ranks, a pack accelerate repeats within an evaluation batch counts twice in "
+        "eval_loss",
+        "per_pack.amax(dim=0)",
+        "per_pack.sum(dim=0)",
+        ("tests/test_multi_rank.py::test_two_ranks_share_out_packs_and_evaluate_them_as_one_process_unpacked",),
+    ),
+    Mutation(
         "pack_rows_see_each_other",
         "with --packing an all-ones attention_mask goes with each pack: transformers then reads no row boundaries "
         "from position_ids and every row attends to the rows before it in its pack",

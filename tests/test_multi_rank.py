@@ -107,8 +107,9 @@ def test_a_preempted_job_ends_only_once_rank_0_has_written_the_checkpoint(assets
 
 def test_two_ranks_share_out_packs_and_evaluate_them_as_one_process_unpacked(assets, tmp_path):
     """--packing on two ranks: packs of two rows (64 tokens) shared out like rows, every training row once; the
-    evaluation's 5 rows make 3 packs, so accelerate repeats one on rank 1, which must not count twice."""
-    flags = ("--max_eval_samples", "5", "--per_device_eval_batch_size", "1")
+    evaluation's 5 rows make 3 packs, fewer than two ranks' batches of 4, so accelerate repeats packs, within a
+    batch too; each must count once."""
+    flags = ("--max_eval_samples", "5", "--per_device_eval_batch_size", "4")
     ranks, _ = spawn(assets, tmp_path / "out", tmp_path / "record", 2, "--do_train", "--do_eval", "--packing",
                      "--packing_length", "64", "--max_train_samples", "12", "--per_device_train_batch_size", "1",
                      "--num_train_epochs", "1", *flags)
