@@ -409,9 +409,10 @@ def settle_defaults(args: ScriptArguments, given: dict[str, str]) -> None:
         if not data.length_buckets or data.length_buckets[0] <= 0 or data.length_buckets[-1] != data.max_seq_length:
             raise UsageError(f"--length_buckets {data.length_buckets}: lengths must be positive and the largest must "
                              f"equal --max_seq_length {data.max_seq_length}.")
-    packs_per_batch = (training.per_device_train_batch_size, training.per_device_eval_batch_size)
+    packs_per_batch = [training.per_device_train_batch_size] * training.do_train + [
+        training.per_device_eval_batch_size] * (training.do_eval or training.do_predict)
     flash = getattr(training, "attn_implementation", None) == "flash_attention_2"
-    if data.packing and flash and max(packs_per_batch) > 1:
+    if data.packing and flash and max(packs_per_batch, default=1) > 1:
         # transformers 4.55.4 hands flash attention the rows of a pack only for a batch of one pack
         # (modeling_flash_attention_utils.py:439-452); in larger batches the rows would see each other.
         raise UsageError("--packing with --attn_implementation flash_attention_2 needs --per_device_train_batch_size 1 "
@@ -675,7 +676,8 @@ def main(args: ScriptArguments) -> Trainer:
     # Every selected row checked before the model loads (bad rows stop the run, or are dropped); buckets from lengths.
     splits = validate_rows(encoder, splits, skipped_rows, training_args, model_args.cache_dir)
     settle_length_buckets(encoder, splits, training_args)
-    image_rows = gaudi_image_rows_per_row(encoder, splits, training_args)
+    settle_packs(encoder, splits, training_args)
+    image_rows = gaudi_image_rows(encoder, splits, training_args)
     collator = VisionChatCollator(encoder, data_args, skipped_rows, hpu_model_inputs(training_args, family), config,
                                   image_rows)
     if training_args.should_log:
@@ -1644,14 +1646,9 @@ def settle_length_buckets(encoder: ChatEncoder, splits: dict, training_args) -> 
     """--padding_strategy bucket without --length_buckets: buckets from the token lengths the validation pass measured
     (every row: the largest bucket just holds the longest) or, with --validate_rows none, a seeded sample's (the largest
     is then --max_seq_length). Every rank chooses the same: same rows, same deterministic measure (ranks after the
-    first read its cached checks) and an exact search; training and evaluation batches use them alike. With --packing,
-    the packs of every split first (settle_packs); buckets are then for generation's prompts."""
+    first read its cached checks) and an exact search; training and evaluation batches use them alike (with --packing,
+    generation's prompts only)."""
     data_args = encoder.data_args
-    if data_args.packing:
-        if getattr(training_args, "use_habana", False) and not encoder.family.packs_on_gaudi:
-            raise UsageError("--packing on Gaudi keeps a pack's rows apart for Gemma 3 only; optimum-habana's port of "
-                             "this model attends over the whole pack: drop --packing.")
-        settle_packs(splits, data_args, training_args.seed)
     if data_args.padding_strategy != "bucket" or data_args.length_buckets is not None:
         return
     measured = [rows.token_lengths for rows in splits.values()]
@@ -1728,17 +1725,26 @@ def choose_length_buckets(lengths, max_seq_length: int, batch_size: int, max_buc
     return sorted(int(candidates[j]) for j in chosen), float(best_cost)
 
 
-def settle_packs(splits: dict, data_args: DataArguments, seed: int) -> None:
+def settle_packs(encoder: ChatEncoder, splits: dict, training_args) -> None:
     """--packing: every split's packs, from the token lengths the validation pass measured (cut to --max_seq_length,
-    as the collator cuts rows), all of one length: --packing_length, else choose_packing_length's. Every rank builds the
-    same packs (same lengths, same seed)."""
+    as the collator cuts rows), all of one length: --packing_length, else choose_packing_length's for the training
+    rows (so that a rerun evaluating more or other rows packs the training rows as before), raised if need be to
+    hold the longest row of any split. Every rank builds the same packs (same lengths, same seed)."""
+    data_args, seed = encoder.data_args, training_args.seed
+    if not data_args.packing:
+        return
+    on_gaudi = getattr(training_args, "use_habana", False) and not training_args.use_cpu
+    if on_gaudi and not encoder.family.packs_on_gaudi:
+        raise UsageError("--packing on Gaudi keeps a pack's rows apart for Gemma 3 only; optimum-habana's port of "
+                         "this model attends over the whole pack: drop --packing.")
     capped = {name: np.minimum(rows.token_lengths, data_args.max_seq_length) for name, rows in splits.items()}
     pooled = np.concatenate(list(capped.values()))
     if len(pooled) == 0:
         return
     longest = int(pooled.max())
     if data_args.packing_length is None:
-        data_args.packing_length = choose_packing_length(pooled, seed)
+        chosen = choose_packing_length(capped["train"] if len(capped.get("train", ())) else pooled, seed)
+        data_args.packing_length = max(chosen, -(-longest // 16) * 16)
     elif data_args.packing_length < longest:
         raise UsageError(f"--packing_length {data_args.packing_length} is shorter than the longest row ({longest} "
                          "tokens), and a row is never split: raise it, or lower --max_seq_length.")
@@ -1991,14 +1997,15 @@ class ChatEncoder:
         groups = [[i for i, row in enumerate(images) if row], [i for i, row in enumerate(images) if not row]]
         parts = [self.process([texts[i] for i in group], [images[i] for i in group], padding_side, **kwargs)
                  for group in groups]
-        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "token_type_ids": 0, "offset_mapping": [0, 0]}
-        per_row = {key: [None] * len(texts) for key in fill if key in parts[0]}
+        # Per row: what the text-only call returns (the tokenizer's outputs); the rest are the images' inputs.
+        fill = {"input_ids": self.pad_token_id, "offset_mapping": [0, 0]}
+        per_row = {key: [None] * len(texts) for key in parts[1]}
         length = max(len(part["input_ids"][0]) for part in parts)
         for group, part in zip(groups, parts):
             for key in per_row:
                 for row, values in zip(group, part[key]):
                     values = [list(v) if key == "offset_mapping" else v for v in values]
-                    padded = [fill[key]] * (length - len(values))
+                    padded = [fill.get(key, 0)] * (length - len(values))
                     per_row[key][row] = padded + values if padding_side == "left" else values + padded
         image_inputs = {key: value for key, value in parts[0].items() if key not in per_row}
         return transformers.BatchFeature({**per_row, **image_inputs}, tensor_type=return_tensors)
@@ -2104,7 +2111,7 @@ class ChatEncoder:
         present = 0 if pixels is None else len(pixels)
         if present > image_rows:
             raise RuntimeError(f"A batch of length {batch['input_ids'].shape[1]} has {present} pixel_values rows, more "
-                               f"than the {image_rows} gaudi_image_rows_per_row allows it.")
+                               f"than the {image_rows} gaudi_image_rows allows it.")
         if present < image_rows:
             blank = self.blank_pixel_rows(image_rows - present)
             batch["pixel_values"] = blank if pixels is None else torch.cat([pixels, blank])
@@ -2209,18 +2216,18 @@ class VisionChatCollator:
     """Turns dataset rows into model batches that train on assistant tokens only, encoding them per batch (the
     validation pass only checks them). Beyond the encoder: bad rows it still finds (undecodable pixels, or any with
     --validate_rows none) stop the run or are dropped (--invalid_rows); --max_seq_length; padding to the lengths
-    --padding_strategy allows, and on Gaudi the images to a number fixed per length (gaudi_image_rows_per_row)."""
+    --padding_strategy allows, and on Gaudi the images to a number fixed per length (gaudi_image_rows)."""
 
     def __init__(self, encoder: ChatEncoder, data_args: DataArguments, skipped_rows: SkippedRows,
                  extra_model_inputs: Optional[dict] = None, model_config=None,
-                 image_rows_per_row: Optional[dict[int, int]] = None):
+                 image_rows: Optional[GaudiImageRows] = None):
         self.encoder = encoder
         self.data_args = data_args
         self.skipped_rows = skipped_rows
         # Forward keyword arguments the trainer passes on with every batch (Gemma 3's HPU attention options).
         self.extra_model_inputs = extra_model_inputs or {}
         self.model_config = model_config  # for families whose packed positions come from the model (Qwen2.5-VL)
-        self.image_rows_per_row = image_rows_per_row  # padded length -> pixel_values rows per batch row, or None
+        self.image_rows = image_rows  # on Gaudi: the images each batch sequence is padded to, else None
 
     def __call__(self, features: list[dict]) -> dict:
         try:
@@ -2311,8 +2318,8 @@ class VisionChatCollator:
         kept_images = [j for row in rows for j in range(row.image_slice.start, row.image_slice.stop)]
         if kept_images:
             batch.update(self.encoder.image_inputs(processed, kept_images))
-        if self.image_rows_per_row is not None:
-            self.encoder.pad_images(batch, len(rows) * self.image_rows_per_row[length])
+        if self.image_rows is not None and length in self.image_rows.per_length:  # not with --padding_strategy longest
+            self.encoder.pad_images(batch, len(rows) * self.image_rows.per_length[length])
         # Which rows these are, for error messages, and the padding tokens (a stand-in row's too), a host number; both
         # taken out before the model's forward (TrainingLossMonitor).
         batch["row_ids"] = torch.tensor([row.row_index for row in rows], dtype=torch.long)
@@ -2343,6 +2350,10 @@ class VisionChatCollator:
         rope = self.encoder.family.packed_rope_positions
         rope_positions = torch.zeros((3, num_packs, length), dtype=torch.long) if rope is not None else None
         for i, pack in enumerate(grouped):
+            tokens = sum(len(row.input_ids) for row in pack)
+            if tokens > length:  # the packs were filled from the validation pass's lengths, which the encoding matches
+                raise RuntimeError(f"The pack of rows {[row.row_index for row in pack]} holds {tokens} tokens, more "
+                                   f"than --packing_length {length}: the validation pass measured them shorter.")
             start = 0
             for row in pack:
                 end = start + len(row.input_ids)
@@ -2365,8 +2376,8 @@ class VisionChatCollator:
                        for j in range(row.image_slice.start, row.image_slice.stop)]
         if kept_images:
             batch.update(self.encoder.image_inputs(processed, kept_images))
-        if self.image_rows_per_row is not None:
-            self.encoder.pad_images(batch, num_packs * self.image_rows_per_row[length])
+        if self.image_rows is not None:
+            self.encoder.pad_images(batch, num_packs * self.image_rows.per_pack)
         batch["padding_tokens"] = int((batch["row_ids"] < 0).sum())
         batch["logits_to_keep"] = kept_logit_positions(batch["labels"])
         # No cache: with one (which the language models create whenever use_cache is on, as in evaluation: transformers
@@ -2652,11 +2663,9 @@ class TrainingLossMonitor(transformers.TrainerCallback):
     def padding_fraction(self, stage: str, accelerator) -> Optional[float]:
         """The share of padding in the batches `stage` saw since the last call, over every rank (one sync)."""
         (padding, tokens), self.padding[stage] = self.padding[stage], [0, 0]
-        if not tokens:
-            return None
         counted = torch.tensor([padding, tokens], dtype=torch.long, device=accelerator.device)
-        padding, tokens = accelerator.reduce(counted, reduction="sum").tolist()
-        return padding / tokens
+        padding, tokens = accelerator.reduce(counted, reduction="sum").tolist()  # every rank, batches or none
+        return padding / tokens if tokens else None
 
     def zero_if_non_finite(self, grad: torch.Tensor) -> torch.Tensor:
         """Gradient hook: a non-finite batch's gradient is zero. Selecting, not multiplying: 0 * NaN is NaN."""
@@ -3072,14 +3081,13 @@ class GenerationEvaluator:
 
     @classmethod
     def for_run(cls, encoder: ChatEncoder, skipped_rows: SkippedRows, args: ScriptArguments,
-                image_rows_per_row: Optional[dict[int, int]] = None) -> GenerationEvaluator:
-        """The evaluator of --generation_eval: batches and lengths as in evaluation, HPU options on Gaudi; with
-        gaudi_image_rows_per_row's numbers, every prompt's images padded to the most of any row, the number of the
-        longest bucket (one pixel shape: a prompt is shorter than its row, so its own length's number would not do)."""
+                image_rows: Optional[GaudiImageRows] = None) -> GenerationEvaluator:
+        """The evaluator of --generation_eval: batches and lengths as in evaluation, HPU options on Gaudi and, with
+        static prompt lengths there, every prompt's images padded to one number (gaudi_image_rows)."""
         prompt_lengths = args.data.length_buckets if args.data.padding_strategy == "bucket" else None
-        image_rows = image_rows_per_row[max(prompt_lengths)] if image_rows_per_row and prompt_lengths else None
+        per_prompt = image_rows.per_prompt if image_rows is not None and prompt_lengths else None
         return cls(encoder, skipped_rows, args.evaluation, args.training.per_device_eval_batch_size, prompt_lengths,
-                   hpu_generation_options(args.training), image_rows)
+                   hpu_generation_options(args.training), per_prompt)
 
     def generate(self, model, features: list[dict]) -> list[dict]:
         prepared = []
@@ -3580,42 +3588,50 @@ def llava_next_gaudi_image_size(encoder: ChatEncoder, config, height: int, width
 GAUDI_IMAGE_SIZES = {"qwen2_5_vl": qwen2_5_vl_gaudi_image_size, "llava_next": llava_next_gaudi_image_size}
 
 
-def gaudi_image_rows_per_row(encoder: ChatEncoder, splits: dict, training_args) -> Optional[dict[int, int]]:
-    """On Gaudi in lazy mode, for Gemma 3 (one pixel_values row per image and per --pan_and_scan crop, all of one size):
-    {padded length: pixel_values rows per batch row (a row, or a --packing pack)}, so that the collator pads the
-    images of every batch of a length to one number (ChatEncoder.pad_images) and the step signatures stay one per
-    length, not one per number of images and crops; logged. A batch padded to length L holds rows of at most L
-    tokens: the most image sequences of any row that short, as the validation pass counted them, or with
-    --validate_rows none the most that L tokens hold; a pack, the most of any pack. None elsewhere, or where lengths
-    are not fixed (--padding_strategy longest, without --packing). Blank images cost the vision tower's time only: no
-    token reads them, which needs the port's static_image_placeholder_mask (upstream's get_placeholder_mask refuses
-    features no token reads)."""
+@dataclass
+class GaudiImageRows:
+    """How many pixel_values rows (images and crops, real or blank) each batch sequence brings on Gaudi."""
+    per_length: dict[int, int]  # a row padded to this length
+    per_pack: Optional[int]  # a --packing pack
+    per_prompt: int  # a generation prompt (whatever its length: a prompt is shorter than its row)
+
+
+def gaudi_image_rows(encoder: ChatEncoder, splits: dict, training_args) -> Optional[GaudiImageRows]:
+    """On Gaudi in lazy mode, for Gemma 3 (one pixel_values row per image and per --pan_and_scan crop, all of one
+    size): the numbers of images the collator and the generation evaluator pad each batch sequence to with blank
+    images (ChatEncoder.pad_images), so that every batch of one length has one pixel shape and the step signatures
+    stay one per length, not one per number of images and crops; logged. A batch padded to length L holds rows of at
+    most L tokens: the most image sequences of any row that short, as the validation pass counted them, or with
+    --validate_rows none the most that L tokens hold; a pack, the most of any pack; a prompt, the most of any row.
+    None elsewhere. Blank images cost the vision tower's time only: no token reads them, which needs the port's
+    static_image_placeholder_mask (upstream's get_placeholder_mask refuses features no token reads; --use_cpu keeps
+    the port out, training_args.py:1053-1062)."""
     data_args = encoder.data_args
     on_lazy_gaudi = getattr(training_args, "use_habana", False) and training_args.use_lazy_mode
-    if not (on_lazy_gaudi and encoder.family.hpu_attention_options):
+    if not (on_lazy_gaudi and not training_args.use_cpu and encoder.family.hpu_attention_options):
         return None
     padded = {"bucket": data_args.length_buckets, "max_length": [data_args.max_seq_length]}.get(
-        data_args.padding_strategy, [])
+        data_args.padding_strategy) or []
     measured = [(rows.token_lengths, rows.image_sequences) for rows in splits.values()]
     if all(lengths is not None for lengths, _ in measured):
         lengths = np.minimum(np.concatenate([lengths for lengths, _ in measured]), data_args.max_seq_length)
         sequences = np.concatenate([sequences for _, sequences in measured])
-        per_row = {length: int(sequences[lengths <= length].max(initial=0)) for length in padded}
-        source = "as the rows (or packs) of each length have at most"
+        per_length = {length: int(sequences[lengths <= length].max(initial=0)) for length in padded}
+        per_prompt = int(sequences.max(initial=0))
     else:
-        per_row = {length: length // encoder.processor.image_seq_length for length in padded}  # tokens per image
-        source = "as many as each length holds"
-    if data_args.packing:  # a bound for the packs too, whose rows are all measured (valid for rows, if a bucket)
-        most = max((int(rows.image_sequences[pack].sum()) for rows in splits.values() for pack in rows.packs),
-                   default=0)
-        per_row[data_args.packing_length] = max(per_row.get(data_args.packing_length, 0), most)
-    if not per_row:
-        return None
-    if any(per_row.values()):
-        counts = ", ".join(f"{images} at length {length}" for length, images in per_row.items())
-        logger.info(f"On Gaudi, blank images pad each batch row's images and crops to {counts}, {source}, so that "
-                    "image shapes stay static.")
-    return per_row
+        per_length = {length: length // encoder.processor.image_seq_length for length in padded}  # tokens per image
+        per_prompt = data_args.max_seq_length // encoder.processor.image_seq_length
+    per_pack = None
+    if data_args.packing:
+        per_pack = max((int(rows.image_sequences[pack].sum()) for rows in splits.values() for pack in rows.packs or ()),
+                       default=0)
+    rows = GaudiImageRows(per_length, per_pack, per_prompt)
+    if per_prompt:
+        counts = [f"{images} at length {length}" for length, images in per_length.items()]
+        counts += [f"{per_pack} per pack"] * (per_pack is not None) + [f"{per_prompt} per generation prompt"]
+        logger.info(f"On Gaudi, blank images pad each batch sequence's images and crops to {', '.join(counts)}, as many "
+                    "as the rows have at most, so that image shapes stay static.")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -304,7 +304,7 @@ def test_generation_without_the_product_masks_differs(compared):
 
 
 def test_blank_images_padding_a_batch_on_gaudi_change_nothing(compared):
-    """On Gaudi the collator pads a batch's images with blank ones (gaudi_image_rows_per_row): appended, no image token
+    """On Gaudi the collator pads a batch's images with blank ones (gaudi_image_rows): appended, no image token
     reads them, with the product's placeholder mask on the port."""
     r = compared["blank_images"]
     assert r["max_logit_diff"] <= ATOL and r["loss_diff"] <= ATOL and r["max_grad_diff"] <= ATOL
@@ -694,7 +694,7 @@ def scenario(work):
     port.eval()
     generation = case["generation"]
     options = run_lora_vlm.hpu_generation_options(
-        SimpleNamespace(use_habana=True, use_lazy_mode=True, use_hpu_graphs_for_inference=False))
+        SimpleNamespace(use_habana=True, use_lazy_mode=True, use_hpu_graphs_for_inference=False, use_cpu=False))
 
     def generate(model=port, **flags):
         habana_frameworks.reset()

@@ -135,11 +135,13 @@ def test_gemma3_crops_keep_one_image_shape_per_length_bucket(assets, tmp_path_fa
     (result,) = aten_cost.cost_run(folder, argv)
     log = (folder / "rank0.log").read_text()
     assert result["exit_code"] == 0, log[-3000:]
-    logged = re.search(r"blank images pad each batch row's images and crops to (.*), as the rows \(or packs\)", log)
+    logged = re.search(r"blank images pad each batch sequence's images and crops to (.*), as many as", log)
     assert logged, log[-3000:]
     per_row = {int(length): int(images) for images, length in re.findall(r"(\d+) at length (\d+)", logged.group(1))}
     buckets = result["length_buckets"]
     assert sorted(per_row) == buckets and len(set(per_row.values())) >= 2, per_row
+    # The longest bucket holds every row: the most images, a 4:1 chart's 1 + 4.
+    assert per_row[max(buckets)] == 5 and "5 per generation prompt" in logged.group(1)
     train = result["batches"]["train"]
     assert len(train) == 4
     for batch in train:

@@ -213,15 +213,18 @@ def test_gaudi_image_rows_follow_the_lengths_and_the_rows_images(fresh_processor
 
     encoder = collator_for(fresh_processor, "--length_buckets", "32", "64", "1024", "--padding_strategy",
                            "bucket").encoder
-    lazy_gaudi = SimpleNamespace(use_habana=True, use_lazy_mode=True)
+    lazy_gaudi = SimpleNamespace(use_habana=True, use_lazy_mode=True, use_cpu=False)
     measured = rlv.IndexedRows(None, "train", np.arange(4), np.array([30, 50, 60, 2000]), np.array([1, 0, 3, 2]))
-    # A row longer than --max_seq_length is cut to it, its images kept.
-    assert rlv.gaudi_image_rows_per_row(encoder, {"train": measured}, lazy_gaudi) == {32: 1, 64: 3, 1024: 3}
+    # A row longer than --max_seq_length is cut to it, its images kept; a prompt may hold any row's images.
+    assert rlv.gaudi_image_rows(encoder, {"train": measured}, lazy_gaudi) == rlv.GaudiImageRows(
+        {32: 1, 64: 3, 1024: 3}, None, 3)
     unmeasured = rlv.IndexedRows(None, "train", np.arange(4))
     # Without measured rows: as many images as the length holds (image_seq_length tokens each, 4 in the tiny model).
-    assert rlv.gaudi_image_rows_per_row(encoder, {"train": unmeasured}, lazy_gaudi) == {32: 8, 64: 16, 1024: 256}
-    assert rlv.gaudi_image_rows_per_row(encoder, {"train": measured}, SimpleNamespace(use_habana=True,
-                                                                                      use_lazy_mode=False)) is None
+    assert rlv.gaudi_image_rows(encoder, {"train": unmeasured}, lazy_gaudi) == rlv.GaudiImageRows(
+        {32: 8, 64: 16, 1024: 256}, None, 256)
+    # Eager mode compiles nothing per shape; --use_cpu runs upstream Gemma 3, whose check refuses blank images.
+    for off in (dict(use_lazy_mode=False, use_cpu=False), dict(use_lazy_mode=True, use_cpu=True)):
+        assert rlv.gaudi_image_rows(encoder, {"train": measured}, SimpleNamespace(use_habana=True, **off)) is None
 
 
 def test_gaudi_generation_pads_every_prompt_batch_to_one_pixel_shape(fresh_processor):
