@@ -2412,24 +2412,28 @@ def dry_run_data(args: ScriptArguments) -> dict:
     skipped_rows = SkippedRows.for_run(args.training, args.data.invalid_rows)
     splits = validate_rows(encoder, splits, skipped_rows, args.training, args.model.cache_dir)
     settle_length_buckets(encoder, splits, args.training)
+    settle_packs(encoder, splits, args.training)
     collator = VisionChatCollator(encoder, args.data, skipped_rows)
     rows = splits.get("train") or next(iter(splits.values()))
+    items = PackedRows(rows) if args.data.packing else rows  # an item: a row, or under --packing a pack of rows
     batch_size, bos = args.training.per_device_train_batch_size, processor.tokenizer.bos_token_id
     checked = collections.Counter()
-    for start in range(0, min(args.run.dry_run_data * batch_size, len(rows)), batch_size):
-        features = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+    for start in range(0, min(args.run.dry_run_data * batch_size, len(items)), batch_size):
+        features = [items[i] for i in range(start, min(start + batch_size, len(items)))]
         batch = collator(features)
-        real = batch["row_ids"] >= 0
-        for ids, labels, row_id in zip(batch["input_ids"][real], batch["labels"][real], batch["row_ids"][real]):
-            where = f"{rows.split} row {int(row_id)}"
+        # row_ids: one per sequence, or under --packing one per token (-1: padding, or a skipped row).
+        kept = set(batch["row_ids"].unique().tolist()) - {-1}
+        for row_id in sorted(kept):
+            at_row = batch["row_ids"] == row_id
+            ids, labels, where = batch["input_ids"][at_row], batch["labels"][at_row], f"{rows.split} row {row_id}"
             if not (labels != IGNORE_INDEX).any():
                 raise UsageError(f"Dry run: {where} has no trained token.")
             if bos is not None and int((ids == bos).sum()) != 1:
                 raise UsageError(f"Dry run: {where} has {int((ids == bos).sum())} <bos> tokens, not 1.")
-        kept = set(batch["row_ids"].tolist())
-        images = [as_image_list(f["row"].get(schema.image_column)) for f in features if f["row_index"] in kept]
+        row_features = [f for item in features for f in (item if isinstance(item, list) else [item])]
+        images = [as_image_list(f["row"].get(schema.image_column)) for f in row_features if f["row_index"] in kept]
         checked["batches"] += 1
-        checked["rows"] += int(real.sum())
+        checked["rows"] += len(kept)
         checked["images"] += sum(map(len, images))
     log_trained_sample(collator, {"train": rows})
     logger.info(f"Dry run passed: {dict(checked)}; every row has trained tokens and one <bos>.")

@@ -215,6 +215,16 @@ def test_a_packed_run_stopped_and_resumed_trains_as_an_uninterrupted_one(assets,
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_the_dry_run_checks_packs_as_training_builds_them(assets, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(rlv, "load_model", lambda *a, **k: pytest.fail("the dry run loaded the model"))
+    with caplog.at_level("INFO"):
+        assert rlv.cli(train_argv(assets, tmp_path, "--do_train", "--dry_run_data", "2", "--packing", "--packing_length",
+                                  "64", "--max_train_samples", "16", "--per_device_train_batch_size", "2")) == 0
+    # Rows of 25-28 tokens, two to a pack of 64 (three would need 75): 2 batches of 2 packs hold 8 rows, one image each.
+    assert "Packs of 64 tokens (train: 16 rows in 8 packs" in caplog.text
+    assert "Dry run passed: {'batches': 2, 'rows': 8, 'images': 8}" in caplog.text
+
+
 @pytest.mark.parametrize("flags, message", [
     (("--packing_length", "64"), r"^--packing_length sets the length of --packing's packs; add --packing"),
     (("--packing", "--packing_length", "0"), r"^--packing_length must be a positive integer, got 0"),
