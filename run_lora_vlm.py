@@ -2996,6 +2996,7 @@ def train_and_save(trainer, num_rows: int) -> None:
     logger.info(f"Running training on {num_rows} rows: world size {world}, per-device batch {batch}, "
                 f"gradient accumulation {accumulation}, effective batch size {batch * world * accumulation}")
     if args.resume_from_checkpoint:
+        check_checkpoint_trains_this_model(trainer.model, args.resume_from_checkpoint)
         logger.info(f"Resuming from {args.resume_from_checkpoint}; pass --overwrite_output_dir to start afresh.")
         let_torch_load_restore_to_an_indexed_cpu()
     elif args.should_save:
@@ -3024,6 +3025,35 @@ def train_and_save(trainer, num_rows: int) -> None:
         metrics["train_padding_fraction"] = padding
     trainer.save_metrics("train", metrics)
     trainer.save_state()
+
+
+def check_checkpoint_trains_this_model(model, checkpoint: str) -> None:
+    """Refuse, in one line, to resume a checkpoint whose adapter holds other trained weights than this run's model
+    (a rerun that adds --train_projector or changes --lora_rank): PEFT would otherwise fail deep inside loading it
+    (peft/utils/save_and_load.py:414, a KeyError) or load mismatched shapes. Compares names and shapes only (the
+    file's header), and only where this model has its weights in full (not partitioned by DeepSpeed ZeRO-3)."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    saved_file = Path(checkpoint, "adapter_model.safetensors")
+    if not saved_file.is_file():
+        return
+    with safe_open(str(saved_file), framework="pt") as saved:
+        saved_shapes = {name: tuple(saved.get_slice(name).get_shape()) for name in saved.keys()}
+    shapes = {name: tuple(tensor.shape) for name, tensor in get_peft_model_state_dict(model).items()}
+    if any(math.prod(shape) == 0 for shape in shapes.values()):
+        return
+    shapes = {name.removeprefix("base_model.model."): shape for name, shape in shapes.items()}
+    saved_shapes = {name.removeprefix("base_model.model."): shape for name, shape in saved_shapes.items()}
+    differences = [f"{name} is new" for name in sorted(shapes.keys() - saved_shapes.keys())]
+    differences += [f"{name} is not trained now" for name in sorted(saved_shapes.keys() - shapes.keys())]
+    differences += [f"{name} has shape {list(shapes[name])}, not {list(saved_shapes[name])}"
+                    for name in sorted(shapes.keys() & saved_shapes.keys()) if shapes[name] != saved_shapes[name]]
+    if differences:
+        more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+        raise UsageError(f"{checkpoint} trained other weights than this command would ({differences[0]}{more}): "
+                         "resume with the LoRA flags it was trained with (--lora_rank, --lora_target_modules, "
+                         "--train_vision_tower, --train_projector), or pass --overwrite_output_dir to start afresh.")
 
 
 # ---------------------------------------------------------------------------------------------------

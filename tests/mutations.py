@@ -345,6 +345,21 @@ MUTATIONS = [
         "        pass\n",
         ("tests/test_gaudi_gemma3_attention.py::test_a_pack_on_the_port_matches_its_rows_unpacked_upstream",),
     ),
+    Mutation(
+        "resume_shapes_unchecked",
+        "a rerun with another --lora_rank resumes the checkpoint: PEFT fails on the mismatched shapes with a traceback "
+        "instead of one line naming the flags",
+        "for name in sorted(shapes.keys() & saved_shapes.keys()) if shapes[name] != saved_shapes[name]]",
+        "for name in sorted(shapes.keys() & saved_shapes.keys()) if False]",
+        ("tests/test_daily_use.py::test_resuming_with_other_trained_weights_is_one_line_and_changes_nothing",),
+    ),
+    Mutation(
+        "packed_dry_run_unpacked",
+        "--dry_run_data with --packing checks rows one per sequence, not the packs training will build",
+        "items = PackedRows(rows) if args.data.packing else rows",
+        "items = rows",
+        ("tests/test_packing.py::test_the_dry_run_checks_packs_as_training_builds_them",),
+    ),
 ]
 
 

@@ -4,6 +4,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -97,6 +98,25 @@ def test_an_unfinished_training_is_evaluated_at_its_last_checkpoint(assets, fini
     at_checkpoint = results(tmp_path / "out")["eval_loss"]
     assert at_checkpoint == results(tmp_path / "explicit")["eval_loss"]
     assert at_checkpoint not in (trained_loss, base_eval_loss)
+
+
+@pytest.mark.parametrize("added, named", [
+    (("--train_projector",), r"model\.multi_modal_projector\.\S+ is new \(and 1 more\)"),
+    (("--lora_rank", "8"), r"\S+\.lora_A\.weight has shape \[8, \d+\], not \[16, \d+\] \(and \d+ more\)"),
+])
+def test_resuming_with_other_trained_weights_is_one_line_and_changes_nothing(assets, finished, tmp_path, capsys,
+                                                                            added, named):
+    argv, trained_dir, _ = finished
+    # A run stopped at its first checkpoint, rerun with a flag that changes what LoRA trains.
+    (tmp_path / "out").mkdir()
+    shutil.copytree(trained_dir / "checkpoint-6", tmp_path / "out" / "checkpoint-6")
+    before = sorted(p.name for p in (tmp_path / "out").rglob("*"))
+    rerun = [*train_argv(assets, tmp_path / "out", *TRAIN_FLAGS), *added]
+    assert rlv.cli(rerun) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: \S+checkpoint-6 trained other weights than this command would \({named}\): resume "
+                        r"with the LoRA flags it was trained with .*--overwrite_output_dir to start afresh\.", error)
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == before
 
 
 def test_nothing_trained_evaluates_the_base_model_and_says_so(assets, base_eval_loss, tmp_path, caplog):
