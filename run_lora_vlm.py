@@ -54,6 +54,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,16 @@ RUN_FLAGS_FILE = "run_flags.json"
 
 class UsageError(ValueError):
     """A mistake in the flags or the data: the command line prints its message alone, without a traceback."""
+
+
+class StopRequested(BaseException):
+    """A stop signal (SIGTERM, the launcher's stop request) outside training, where no step is there to finish and
+    nothing to checkpoint: the run ends at once, in one line, as Ctrl-C does. A BaseException, like KeyboardInterrupt,
+    so that no library's `except Exception` takes it for an error of its own and carries on."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def one_line(error: BaseException, limit: int = 400) -> str:
@@ -626,6 +637,7 @@ def check_free_disk(output_dir: str, min_free_gb: float) -> None:
 
 def cli(argv: Optional[list[str]] = None) -> int:
     """Command-line entry, returning the exit code: one question, a merge or a data dry run, else training (`main`)."""
+    previous_handlers = stop_outside_training()
     try:
         args = parse_args(argv)
         check_paths(args)
@@ -647,13 +659,33 @@ def cli(argv: Optional[list[str]] = None) -> int:
         # checkpoint first (PreemptionHandler).
         print("error: interrupted (Ctrl-C).", file=sys.stderr)
         return 130
+    except StopRequested as stop:
+        print(f"error: stopped ({signal.Signals(stop.signum).name}) outside training: no step to finish, nothing to "
+              "save. Run the same command again to go on.", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except UsageError as e:
         # A mistake in the flags or the data: one line saying what to change, no traceback. A DataLoader worker's
         # error arrives with the worker's traceback in its message (torch/_utils.py:774-789): its last line is ours.
         message = str(e).rstrip().splitlines()[-1].removeprefix(f"{UsageError.__name__}: ")
         print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:
+        PreemptionHandler.restore(previous_handlers)
     return 0
+
+
+def stop_outside_training() -> dict:
+    """SIGTERM and the launcher's stop request raise StopRequested from now on (training handles them itself, see
+    PreemptionHandler): by default either kills the process, and a launcher reports a rank killed by a signal.
+    Returns the previous handlers, for PreemptionHandler.restore; none where signals cannot be set (not the main
+    thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        raise StopRequested(signum)
+
+    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, LAUNCHER_STOP_SIGNAL)}
 
 
 def main(args: ScriptArguments) -> Trainer:
@@ -3025,6 +3057,12 @@ def train_and_save(trainer, num_rows: int) -> None:
         metrics["train_padding_fraction"] = padding
     trainer.save_metrics("train", metrics)
     trainer.save_state()
+    if preemption.signum:
+        # The stop came after the last step's end (during the final checkpoint, say): the training is complete and
+        # now saved; what follows (evaluation, generation) is left to the rerun, which finds the training finished.
+        logger.error(f"Preempted ({signal.Signals(preemption.signum).name}) after the last step: the adapter and "
+                     f"training results are saved in {args.output_dir}. Run the same command again for the rest.")
+        raise SystemExit(preemption.exit_code)
 
 
 def check_checkpoint_trains_this_model(model, checkpoint: str) -> None:

@@ -360,6 +360,24 @@ MUTATIONS = [
         "items = rows",
         ("tests/test_packing.py::test_the_dry_run_checks_packs_as_training_builds_them",),
     ),
+    Mutation(
+        "stop_outside_training_kills",
+        "a SIGTERM, or the launcher's stop request, while rows are checked or the model loads kills the ranks by the "
+        "signal (the launcher reports a rank killed by signal 10) instead of one line and exit code 143",
+        "    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, LAUNCHER_STOP_SIGNAL)}",
+        "    return {}",
+        ("tests/test_launcher_signals.py::test_sigterm_to_the_launcher_before_training_ends_every_rank_in_one_line",
+         "tests/test_launcher_signals.py::test_sigterm_outside_training_is_one_line_and_the_handlers_are_restored"),
+    ),
+    Mutation(
+        "stop_after_the_last_step_ignored",
+        "a SIGTERM arriving after the last step's end (during the final checkpoint) is ignored: evaluation and "
+        "generation run on past the scheduler's grace period",
+        "    if preemption.signum:\n",
+        "    if False:\n",
+        ("tests/test_launcher_signals.py::"
+         "test_sigterm_after_the_last_step_saves_the_training_and_leaves_evaluation_to_the_rerun",),
+    ),
 ]
 
 

@@ -8,6 +8,8 @@ The hooks are read from the environment, so that re-running the very same comman
 - `SLOW_SAVE_HOLD_AT_STEP=N`: at the end of step N each rank waits for its stop request (a signal) before the
   preemption handler looks for one, so the run stops at step N whatever the timing.
 - `SLOW_SAVE_SECONDS=S`: writing the checkpoint of step N takes S seconds longer, in the middle of the save.
+- `SLOW_SAVE_HOLD_BEFORE_TRAINING=1`: each rank writes `DIR/rank<R>-loading` as it starts loading the model (the rows
+  checked, no training begun) and waits there (up to 300 s) for a signal to end it.
 
 It also gives `--ddp_find_unused_parameters` the default GaudiTrainingArguments gives it, False
 (optimum/habana/transformers/training_args.py:353-356), where the stock TrainingArguments has None: the CPU ranks
@@ -70,8 +72,17 @@ def main() -> None:
             time.sleep(seconds)
         return save_optimizer(self, output_dir)
 
+    load_model = run_lora_vlm.load_model
+
+    def load_model_after_a_hold(*args, **kwargs):
+        mark("loading")
+        time.sleep(300)  # only against a hang: the test signals as soon as it sees the mark
+        return load_model(*args, **kwargs)
+
     if hold_step:
         run_lora_vlm.build_trainer = build_trainer_with_hold
+    if os.environ.get("SLOW_SAVE_HOLD_BEFORE_TRAINING"):
+        run_lora_vlm.load_model = load_model_after_a_hold
     transformers.Trainer._save_optimizer_and_scheduler = slow_save_optimizer
     sys.exit(run_lora_vlm.cli(sys.argv[1:]))
 

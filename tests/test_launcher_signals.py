@@ -20,6 +20,7 @@ import time
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 import run_lora_vlm as rlv
@@ -64,9 +65,10 @@ def torchrun(command):
     return [arg for arg in command if arg != "--use_mpi"]
 
 
-def rank_env(events=None, hold=None, seconds=None):
+def rank_env(events=None, hold=None, seconds=None, hold_before_training=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "1"}
-    hooks = {"SLOW_SAVE_EVENTS": events, "SLOW_SAVE_HOLD_AT_STEP": hold, "SLOW_SAVE_SECONDS": seconds}
+    hooks = {"SLOW_SAVE_EVENTS": events, "SLOW_SAVE_HOLD_AT_STEP": hold, "SLOW_SAVE_SECONDS": seconds,
+             "SLOW_SAVE_HOLD_BEFORE_TRAINING": hold_before_training}
     env.update({name: str(value) for name, value in hooks.items() if value is not None})
     return env
 
@@ -216,6 +218,86 @@ def test_a_second_ctrl_c_to_the_launcher_stops_at_once_and_keeps_the_last_comple
 # --------------------------------------------------------------------------------------------------------------------
 # The script alone: Ctrl-C is SIGINT to the process itself
 # --------------------------------------------------------------------------------------------------------------------
+
+
+@needs_mpirun
+def test_sigterm_to_the_launcher_before_training_ends_every_rank_in_one_line(assets, mixed_rows, tmp_path):
+    """The launcher's stop request reaching ranks that have not begun training (loading the model here): nothing to
+    save, so each rank ends at once with one line and exit code 143, not killed by the request's signal."""
+    output_dir, events = tmp_path / "out", tmp_path / "events"
+    command = launch_command(2, HOOKS_MAIN, *six_steps(assets, mixed_rows, output_dir))
+    run = Run(command, rank_env(events, hold_before_training=1), tmp_path / "log")
+    try:
+        wait_for([events / "rank0-loading", events / "rank1-loading"], run.process, "both ranks loading the model")
+        run.process.send_signal(signal.SIGTERM)
+        returncode = run.finish(timeout=60)  # the hold alone would take 300 s
+    finally:
+        run.kill()
+    assert returncode == 143, run.stdout[-3000:] + run.stderr[-3000:]
+    stopped = ("error: stopped (SIGUSR1) outside training: no step to finish, nothing to save. Run the same command "
+               "again to go on.")
+    assert run.stderr.count(stopped) == 2, run.stderr[-3000:]  # mpirun may put both ranks' lines on one
+    assert "Traceback" not in run.stderr and "exited on signal" not in run.stderr, run.stderr[-3000:]
+    assert checkpoints(output_dir) == []
+
+
+def test_sigterm_outside_training_is_one_line_and_the_handlers_are_restored(assets, tmp_path, monkeypatch, capsys):
+    validate_rows = rlv.validate_rows
+
+    def validate_rows_then_sigterm(*args, **kwargs):
+        splits = validate_rows(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return splits
+
+    monkeypatch.setattr(rlv, "validate_rows", validate_rows_then_sigterm)
+    monkeypatch.setattr(rlv, "load_model", lambda *a, **k: pytest.fail("went on to load the model"))
+    unhandled = lambda signum, frame: pytest.fail("SIGTERM reached no handler of the script")  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert rlv.cli(train_argv(assets, tmp_path, "--do_train", "--max_steps", "2")) == 143
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the script's handler is gone with the run
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: stopped (SIGTERM) outside training: no step to finish, nothing to save. Run the same command again "
+        "to go on.")
+
+
+class SignalAfterTheLastStepEnds(transformers.TrainerCallback):
+    """Last in line: the preemption handler has looked for a stop request at this step end already."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_after_the_last_step_saves_the_training_and_leaves_evaluation_to_the_rerun(assets, tmp_path,
+                                                                                           monkeypatch, caplog):
+    argv = train_argv(assets, tmp_path, "--do_train", "--do_eval", "--max_steps", "2", "--per_device_train_batch_size",
+                      "2", "--max_train_samples", "4", "--max_eval_samples", "2", "--save_strategy", "steps",
+                      "--save_steps", "100")
+    build_trainer = rlv.build_trainer
+
+    def build_trainer_with_late_signal(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        trainer.add_callback(SignalAfterTheLastStepEnds())
+        return trainer
+
+    monkeypatch.setattr(rlv, "build_trainer", build_trainer_with_late_signal)
+    with caplog.at_level("ERROR"), pytest.raises(SystemExit) as exited:
+        rlv.cli(argv)
+    assert exited.value.code == 143
+    assert f"Preempted (SIGTERM) after the last step: the adapter and training results are saved in {tmp_path}" \
+        in caplog.text
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "train_results.json").is_file()
+    assert not (tmp_path / "eval_results.json").exists()
+    adapter_before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    monkeypatch.undo()
+    # The rerun finds the training finished: it evaluates the saved adapter and trains nothing.
+    assert rlv.cli(argv) == 0
+    assert (tmp_path / "eval_results.json").is_file()
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == adapter_before
+    assert checkpoints(tmp_path) == ["checkpoint-2"]
 
 
 def test_ctrl_c_finishes_the_step_saves_and_exits_130(assets, tmp_path, monkeypatch, caplog):
