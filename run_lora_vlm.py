@@ -3020,6 +3020,10 @@ class PartLearningRatesTrainer(WholeSplitEvaluationTrainer):
             logger.info("Optimizer parameter groups: " + "; ".join(lines))
         return optimizer
 
+    def learning_rates(self) -> set[float]:
+        """The learning rates this run's optimizer groups start from."""
+        return {self.args.learning_rate, *self.part_learning_rates.values()}
+
 
 def train_and_save(trainer, num_rows: int) -> None:
     """Train (resuming from the checkpoint the arguments settled on), then save the adapter, processor and metrics."""
@@ -3029,6 +3033,7 @@ def train_and_save(trainer, num_rows: int) -> None:
                 f"gradient accumulation {accumulation}, effective batch size {batch * world * accumulation}")
     if args.resume_from_checkpoint:
         check_checkpoint_trains_this_model(trainer.model, args.resume_from_checkpoint)
+        warn_of_the_checkpoint_learning_rates(args.resume_from_checkpoint, trainer.learning_rates())
         logger.info(f"Resuming from {args.resume_from_checkpoint}; pass --overwrite_output_dir to start afresh.")
         let_torch_load_restore_to_an_indexed_cpu()
     elif args.should_save:
@@ -3092,6 +3097,21 @@ def check_checkpoint_trains_this_model(model, checkpoint: str) -> None:
         raise UsageError(f"{checkpoint} trained other weights than this command would ({differences[0]}{more}): "
                          "resume with the LoRA flags it was trained with (--lora_rank, --lora_target_modules, "
                          "--train_vision_tower, --train_projector), or pass --overwrite_output_dir to start afresh.")
+
+
+def warn_of_the_checkpoint_learning_rates(checkpoint: str, learning_rates: set[float]) -> None:
+    """Say so when the command's learning rates differ from the checkpoint's: the Trainer restores the checkpoint's
+    scheduler, whose base rates then go on (torch's LRScheduler.load_state_dict restores base_lrs), and the rates
+    given now would pass silently. A scheduler saved elsewhere (DeepSpeed's own checkpoint) is not read."""
+    path = Path(checkpoint, "scheduler.pt")
+    if not path.is_file():
+        return
+    saved = set(torch.load(path, map_location="cpu", weights_only=True).get("base_lrs", ()))
+    if saved and saved != learning_rates:
+        listed = ", ".join(f"{rate:g}" for rate in sorted(saved))
+        logger.warning(f"Resuming from {checkpoint}: its learning rates ({listed}) go on, as the Trainer restores its "
+                       f"scheduler; this command's ({', '.join(f'{rate:g}' for rate in sorted(learning_rates))}) "
+                       "apply to a fresh start only (--overwrite_output_dir).")
 
 
 # ---------------------------------------------------------------------------------------------------

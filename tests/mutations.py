@@ -378,6 +378,13 @@ MUTATIONS = [
         ("tests/test_launcher_signals.py::"
          "test_sigterm_after_the_last_step_saves_the_training_and_leaves_evaluation_to_the_rerun",),
     ),
+    Mutation(
+        "resume_learning_rate_change_silent",
+        "a rerun with another --learning_rate resumes at the checkpoint's rates without a word",
+        "    if saved and saved != learning_rates:\n",
+        "    if False:\n",
+        ("tests/test_daily_use.py::test_resuming_with_another_learning_rate_says_the_checkpoint_rates_go_on",),
+    ),
 ]
 
 

@@ -119,6 +119,30 @@ def test_resuming_with_other_trained_weights_is_one_line_and_changes_nothing(ass
     assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == before
 
 
+def test_resuming_with_another_learning_rate_says_the_checkpoint_rates_go_on(assets, finished, tmp_path, caplog):
+    argv, trained_dir, _ = finished
+
+    def learning_rates(folder):
+        history = results(folder, "trainer_state.json")["log_history"]
+        return {entry["step"]: entry["learning_rate"] for entry in history if "learning_rate" in entry}
+
+    for name, extra in (("same", ()), ("changed", ("--learning_rate", "1e-2"))):
+        (tmp_path / name).mkdir()
+        shutil.copytree(trained_dir / "checkpoint-6", tmp_path / name / "checkpoint-6")
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert rlv.cli([*train_argv(assets, tmp_path / name, *TRAIN_FLAGS), *extra]) == 0
+        warned = [r.getMessage() for r in caplog.records if "learning rates" in r.getMessage()]
+        if name == "same":
+            assert warned == []
+        else:
+            assert warned == [f"Resuming from {tmp_path / name / 'checkpoint-6'}: its learning rates (0.03) go on, as "
+                              "the Trainer restores its scheduler; this command's (0.01) apply to a fresh start only "
+                              "(--overwrite_output_dir)."]
+        # What the warning says: steps 7-12 run at the uninterrupted run's rates.
+        assert learning_rates(tmp_path / name) == learning_rates(trained_dir)
+
+
 def test_nothing_trained_evaluates_the_base_model_and_says_so(assets, base_eval_loss, tmp_path, caplog):
     assert rlv.cli(train_argv(assets, tmp_path / "out", "--do_eval", "--max_eval_samples", "4")) == 0
     assert results(tmp_path / "out")["eval_loss"] == base_eval_loss
