@@ -2269,6 +2269,10 @@ class VisionChatCollator:
             rows = [f"{feature['split']} row {feature['row_index']}" for feature in features]
             raise RuntimeError(f"StopIteration while building the batch of {rows}") from e
 
+    def row_ids_per_sequence(self) -> int:
+        """The `row_ids` each batch sequence carries: one, or with --packing one per token (the pack length)."""
+        return self.data_args.packing_length if self.data_args.packing else 1
+
     def collate(self, features: list) -> dict:
         # With --packing the items are packs (lists of rows): their rows are encoded as one batch, then laid end to end.
         packs = features if features and isinstance(features[0], list) else None
@@ -2605,7 +2609,7 @@ def module_named(model, last_name: str) -> tuple[str, torch.nn.Module]:
 def build_trainer(model, training_args, model_args, run_args, processor, splits, collator,
                   lora_args: Optional[LoraArguments] = None):
     monitor = TrainingLossMonitor(run_args.non_finite_loss, splits["train"].split if "train" in splits else "train",
-                                  collator.data_args.packing_length if collator.data_args.packing else 1)
+                                  collator.row_ids_per_sequence())
     model.register_forward_pre_hook(monitor.take_batch_extras, with_kwargs=True)
     train, evaluated = (splits[name].loss_batches_source() if name in splits else None for name in ("train", "eval"))
     common = dict(
