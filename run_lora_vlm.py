@@ -637,55 +637,83 @@ def check_free_disk(output_dir: str, min_free_gb: float) -> None:
 
 def cli(argv: Optional[list[str]] = None) -> int:
     """Command-line entry, returning the exit code: one question, a merge or a data dry run, else training (`main`)."""
-    previous_handlers = stop_outside_training()
-    try:
-        args = parse_args(argv)
-        check_paths(args)
-        check_adapter_crops(args)
-        if args.run.predict_image is not None:
-            print(answer_one_question(args))
-        elif args.run.merge_adapter and not (args.training.do_train or args.training.do_eval
-                                             or args.training.do_predict):
-            merge_saved_adapter(args)
-        elif args.run.dry_run_data:
-            dry_run_data(args)
-        elif same_command_finished(args):
-            print(f"{args.training.output_dir} holds this command's finished run: nothing to do, nothing changed. "
-                  "Pass --overwrite_output_dir to run it again.", file=sys.stderr)
-        else:
-            main(args)
-    except KeyboardInterrupt:
-        # Ctrl-C outside training (while loading, checking rows or evaluating); training handles it itself, saving a
-        # checkpoint first (PreemptionHandler).
-        print("error: interrupted (Ctrl-C).", file=sys.stderr)
-        return 130
-    except StopRequested as stop:
-        print(f"error: stopped ({signal.Signals(stop.signum).name}) outside training: no step to finish, nothing to "
-              "save. Run the same command again to go on.", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
-    except UsageError as e:
-        # A mistake in the flags or the data: one line saying what to change, no traceback. A DataLoader worker's
-        # error arrives with the worker's traceback in its message (torch/_utils.py:774-789): its last line is ours.
-        message = str(e).rstrip().splitlines()[-1].removeprefix(f"{UsageError.__name__}: ")
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    finally:
-        PreemptionHandler.restore(previous_handlers)
+    with StopOutsideTraining() as stop:
+        try:
+            args = parse_args(argv)
+            check_paths(args)
+            check_adapter_crops(args)
+            if args.run.predict_image is not None:
+                print(answer_one_question(args))
+            elif args.run.merge_adapter and not (args.training.do_train or args.training.do_eval
+                                                 or args.training.do_predict):
+                merge_saved_adapter(args)
+            elif args.run.dry_run_data:
+                dry_run_data(args)
+            elif same_command_finished(args):
+                print(f"{args.training.output_dir} holds this command's finished run: nothing to do, nothing changed. "
+                      "Pass --overwrite_output_dir to run it again.", file=sys.stderr)
+            else:
+                main(args)
+        except KeyboardInterrupt:
+            # Ctrl-C outside training (while loading, checking rows or evaluating); training handles it itself,
+            # saving a checkpoint first (PreemptionHandler).
+            print("error: interrupted (Ctrl-C).", file=sys.stderr)
+            return 130
+        except StopRequested:
+            return stop.report()
+        except UsageError as e:
+            # A mistake in the flags or the data: one line saying what to change, no traceback. A DataLoader worker's
+            # error arrives with the worker's traceback in its message (torch/_utils.py:774-789): its last line is
+            # ours.
+            message = str(e).rstrip().splitlines()[-1].removeprefix(f"{UsageError.__name__}: ")
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+        except Exception:
+            # Code cleaning up after the stop may raise an error of its own in its place (datasets.map's worker pool
+            # raises a TimeoutError for the results it no longer waits for, datasets/utils/py_utils.py:626).
+            if stop.received():
+                return stop.report()
+            raise
     return 0
 
 
-def stop_outside_training() -> dict:
-    """SIGTERM and the launcher's stop request raise StopRequested from now on (training handles them itself, see
-    PreemptionHandler): by default either kills the process, and a launcher reports a rank killed by a signal.
-    Returns the previous handlers, for PreemptionHandler.restore; none where signals cannot be set (not the main
-    thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
+class StopOutsideTraining:
+    """While entered, SIGTERM and the launcher's stop request raise StopRequested: by default either kills the
+    process (and a launcher reports a rank killed by a signal), where outside training there is no step to finish
+    and nothing to checkpoint. Training puts its own handlers over these for its duration (PreemptionHandler).
+    Processes forked meanwhile (datasets.map's pool, DataLoader workers) inherit the handler: in them the signal does
+    what it does by default, so that a worker ends quietly and its parent reports the stop."""
 
-    def stop(signum, frame):
+    def __init__(self):
+        self.signum = 0  # the stop signal received; 0 for none
+        self.pid = os.getpid()
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopOutsideTraining":
+        if threading.current_thread() is threading.main_thread():  # the only thread that may set signal handlers
+            self.previous = {signum: signal.signal(signum, self.request)
+                             for signum in (signal.SIGTERM, LAUNCHER_STOP_SIGNAL)}
+        return self
+
+    def __exit__(self, *exception) -> None:
+        PreemptionHandler.restore(self.previous)
+
+    def request(self, signum, frame) -> None:
+        if os.getpid() != self.pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
         raise StopRequested(signum)
 
-    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, LAUNCHER_STOP_SIGNAL)}
+    def received(self) -> int:
+        return self.signum
+
+    def report(self) -> int:
+        """Say that the run stopped, in one line; the exit code."""
+        print(f"error: stopped ({signal.Signals(self.signum).name}) outside training: no step to finish, nothing to "
+              "save. Run the same command again to go on.", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
 
 
 def main(args: ScriptArguments) -> Trainer:
@@ -1760,8 +1788,9 @@ def choose_length_buckets(lengths, max_seq_length: int, batch_size: int, max_buc
 def settle_packs(encoder: ChatEncoder, splits: dict, training_args) -> None:
     """--packing: every split's packs, from the token lengths the validation pass measured (cut to --max_seq_length,
     as the collator cuts rows), all of one length: --packing_length, else choose_packing_length's for the training
-    rows (so that a rerun evaluating more or other rows packs the training rows as before), raised if need be to
-    hold the longest row of any split. Every rank builds the same packs (same lengths, same seed)."""
+    rows (so that a rerun evaluating more or other rows packs the training rows as before, unless an evaluation row
+    is longer than the length chosen for them), raised if need be to hold the longest row of any split. Every rank
+    builds the same packs (same lengths, same seed)."""
     data_args, seed = encoder.data_args, training_args.seed
     if not data_args.packing:
         return
@@ -2442,14 +2471,14 @@ def dry_run_data(args: ScriptArguments) -> dict:
     """--dry_run_data N: build N training batches as training would and check them, without loading the model. The
     encoder checks image-token counts; here each row must also have a trained token and exactly one <bos>."""
     setup_run(args.training)
-    _, family, processor = load_processor(args.model)
+    config, family, processor = load_processor(args.model)
     splits, schema, image_base_dir = load_data(args.data, args.training, args.model.cache_dir)
     encoder = ChatEncoder(processor, family, schema, args.data, image_base_dir)
     skipped_rows = SkippedRows.for_run(args.training, args.data.invalid_rows)
     splits = validate_rows(encoder, splits, skipped_rows, args.training, args.model.cache_dir)
     settle_length_buckets(encoder, splits, args.training)
     settle_packs(encoder, splits, args.training)
-    collator = VisionChatCollator(encoder, args.data, skipped_rows)
+    collator = VisionChatCollator(encoder, args.data, skipped_rows, model_config=config)
     rows = splits.get("train") or next(iter(splits.values()))
     items = PackedRows(rows) if args.data.packing else rows  # an item: a row, or under --packing a pack of rows
     batch_size, bos = args.training.per_device_train_batch_size, processor.tokenizer.bos_token_id
@@ -2917,15 +2946,19 @@ class PreemptionHandler(transformers.TrainerCallback):
             self.host_group = torch.distributed.new_group(backend="gloo")  # every rank calls this, in the same order
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.host_group is not None:
-            # Ranks without a signal of their own take the agreed one, so that every rank exits with the same code.
-            agreed = torch.tensor([self.signum], dtype=torch.int32)
-            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
-            agreed_signum = int(agreed.item())
-            self.signum = self.signum or agreed_signum
-        if self.signum:
+        if self.agree():
             self.stopped_at_step = state.global_step
             control.should_save = control.should_training_stop = True
+
+    def agree(self) -> int:
+        """The stop signal the ranks agree on (0 for none), every rank calling this at the same point (a collective,
+        so also a barrier). Ranks without a signal of their own take the agreed one, so that every rank exits with
+        the same code."""
+        if self.host_group is not None:
+            agreed = torch.tensor([self.signum], dtype=torch.int32)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
+            self.signum = self.signum or int(agreed.item())
+        return self.signum
 
 
 def part_learning_rates(model, lora_args: LoraArguments, learning_rate: float) -> dict[str, float]:
@@ -3044,13 +3077,15 @@ def train_and_save(trainer, num_rows: int) -> None:
         # The Trainer adds each run's metrics to this file; a training started afresh starts it afresh.
         Path(args.output_dir, "all_results.json").unlink(missing_ok=True)
     preemption = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionHandler))
+    # Installed until the training is saved: a stop during the final save waits for it (a second one stops at once).
     previous_handlers = preemption.install()
     try:
         train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        if preemption.stopped_at_step is not None:
-            # Every rank waits for the checkpoint: the first rank to exit would end an MPI job while rank 0 still
-            # writes. Meanwhile a second signal still stops at once.
-            trainer.accelerator.wait_for_everyone()
+        if preemption.stopped_at_step is None:
+            save_training(trainer, train_result, num_rows)
+        # Every rank waits for the saves (a collective): the first rank to exit would end an MPI job while rank 0
+        # still writes. A stop that came after the last step's end (during the final checkpoint, say) is agreed here.
+        stopped_after_training = preemption.agree() and preemption.stopped_at_step is None
     finally:
         preemption.restore(previous_handlers)
     if preemption.stopped_at_step is not None:
@@ -3058,17 +3093,9 @@ def train_and_save(trainer, num_rows: int) -> None:
                      f"{preemption.stopped_at_step} with a checkpoint in {args.output_dir}. "
                      "Resume with the same command.")
         raise SystemExit(preemption.exit_code)
-    trainer.save_model()
-    metrics = {**train_result.metrics, "train_samples": num_rows}
-    monitor = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrainingLossMonitor))
-    padding = monitor.padding_fraction("train", trainer.accelerator)
-    if padding is not None:
-        metrics["train_padding_fraction"] = padding
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-    if preemption.signum:
-        # The stop came after the last step's end (during the final checkpoint, say): the training is complete and
-        # now saved; what follows (evaluation, generation) is left to the rerun, which finds the training finished.
+    if stopped_after_training:
+        # The training is complete and saved; what follows (evaluation, generation) is left to the rerun, which finds
+        # the training finished.
         logger.error(f"Preempted ({signal.Signals(preemption.signum).name}) after the last step: the adapter and "
                      f"training results are saved in {args.output_dir}. Run the same command again for the rest.")
         raise SystemExit(preemption.exit_code)
@@ -3078,18 +3105,21 @@ def check_checkpoint_trains_this_model(model, checkpoint: str) -> None:
     """Refuse, in one line, to resume a checkpoint whose adapter holds other trained weights than this run's model
     (a rerun that adds --train_projector or changes --lora_rank): PEFT would otherwise fail deep inside loading it
     (peft/utils/save_and_load.py:414, a KeyError) or load mismatched shapes. Compares names and shapes only (the
-    file's header), and only where this model has its weights in full (not partitioned by DeepSpeed ZeRO-3)."""
+    file's header). Not under DeepSpeed ZeRO-3, whose checkpoints keep the weights in DeepSpeed's own files and save
+    an empty adapter file unless gathering is asked for (transformers/trainer.py:3986)."""
     from peft import get_peft_model_state_dict
     from safetensors import safe_open
 
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     saved_file = Path(checkpoint, "adapter_model.safetensors")
-    if not saved_file.is_file():
+    if is_deepspeed_zero3_enabled() or not saved_file.is_file():
         return
     with safe_open(str(saved_file), framework="pt") as saved:
         saved_shapes = {name: tuple(saved.get_slice(name).get_shape()) for name in saved.keys()}
-    shapes = {name: tuple(tensor.shape) for name, tensor in get_peft_model_state_dict(model).items()}
-    if any(math.prod(shape) == 0 for shape in shapes.values()):
+    if not saved_shapes:  # weights kept elsewhere (ZeRO-3 without gathering), whatever this run's settings
         return
+    shapes = {name: tuple(tensor.shape) for name, tensor in get_peft_model_state_dict(model).items()}
     shapes = {name.removeprefix("base_model.model."): shape for name, shape in shapes.items()}
     saved_shapes = {name.removeprefix("base_model.model."): shape for name, shape in saved_shapes.items()}
     differences = [f"{name} is new" for name in sorted(shapes.keys() - saved_shapes.keys())]
@@ -3116,6 +3146,18 @@ def warn_of_the_checkpoint_learning_rates(checkpoint: str, learning_rates: set[f
         logger.warning(f"Resuming from {checkpoint}: its learning rates ({listed}) go on, as the Trainer restores its "
                        f"scheduler; this command's ({', '.join(f'{rate:g}' for rate in sorted(learning_rates))}) "
                        "apply to a fresh start only (--overwrite_output_dir).")
+
+
+def save_training(trainer, train_result, num_rows: int) -> None:
+    """The adapter and processor, the training metrics (with the padding fraction) and the trainer state."""
+    trainer.save_model()
+    metrics = {**train_result.metrics, "train_samples": num_rows}
+    monitor = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrainingLossMonitor))
+    padding = monitor.padding_fraction("train", trainer.accelerator)
+    if padding is not None:
+        metrics["train_padding_fraction"] = padding
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -364,8 +364,9 @@ MUTATIONS = [
         "stop_outside_training_kills",
         "a SIGTERM, or the launcher's stop request, while rows are checked or the model loads kills the ranks by the "
         "signal (the launcher reports a rank killed by signal 10) instead of one line and exit code 143",
-        "    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, LAUNCHER_STOP_SIGNAL)}",
-        "    return {}",
+        "            self.previous = {signum: signal.signal(signum, self.request)\n"
+        "                             for signum in (signal.SIGTERM, LAUNCHER_STOP_SIGNAL)}\n",
+        "            self.previous = {}\n",
         ("tests/test_launcher_signals.py::test_sigterm_to_the_launcher_before_training_ends_every_rank_in_one_line",
          "tests/test_launcher_signals.py::test_sigterm_outside_training_is_one_line_and_the_handlers_are_restored"),
     ),
@@ -373,7 +374,7 @@ MUTATIONS = [
         "stop_after_the_last_step_ignored",
         "a SIGTERM arriving after the last step's end (during the final checkpoint) is ignored: evaluation and "
         "generation run on past the scheduler's grace period",
-        "    if preemption.signum:\n",
+        "    if stopped_after_training:\n",
         "    if False:\n",
         ("tests/test_launcher_signals.py::"
          "test_sigterm_after_the_last_step_saves_the_training_and_leaves_evaluation_to_the_rerun",),
@@ -384,6 +385,46 @@ MUTATIONS = [
         "    if saved and saved != learning_rates:\n",
         "    if False:\n",
         ("tests/test_daily_use.py::test_resuming_with_another_learning_rate_says_the_checkpoint_rates_go_on",),
+    ),
+    Mutation(
+        "stop_raised_in_forked_workers",
+        "a process forked outside training (datasets.map's pool, a DataLoader worker) raises the stop as the run does: "
+        "each prints a traceback and exits 1 instead of ending as the signal ends it",
+        "        if os.getpid() != self.pid:\n",
+        "        if False:\n",
+        ("tests/test_launcher_signals.py::test_a_stop_ends_forked_workers_quietly_and_an_error_after_it_is_the_stop",),
+    ),
+    Mutation(
+        "error_after_a_stop_is_a_traceback",
+        "an error raised while cleaning up after a stop (datasets.map's pool) replaces it: a traceback and exit code 1 "
+        "instead of the stop's one line and 143",
+        "            if stop.received():\n",
+        "            if False:\n",
+        ("tests/test_launcher_signals.py::test_a_stop_ends_forked_workers_quietly_and_an_error_after_it_is_the_stop",),
+    ),
+    Mutation(
+        "late_stop_ranks_exit_unsynchronized",
+        "after a stop that came after the last step, ranks do not agree on it: a rank whose signal came late goes on "
+        "to evaluate while the others exit",
+        "        stopped_after_training = preemption.agree() and preemption.stopped_at_step is None\n",
+        "        stopped_after_training = preemption.signum and preemption.stopped_at_step is None\n",
+        ("tests/test_launcher_signals.py::test_a_stop_after_the_last_step_on_one_rank_stops_both_after_the_saves",),
+    ),
+    Mutation(
+        "dry_run_packs_without_the_model_config",
+        "--dry_run_data with --packing fails for Qwen2.5-VL, whose packed positions need the model's config",
+        "    collator = VisionChatCollator(encoder, args.data, skipped_rows, model_config=config)\n",
+        "    collator = VisionChatCollator(encoder, args.data, skipped_rows)\n",
+        ("tests/test_packing.py::test_the_dry_run_packs_qwen2_5_vl_rows",),
+    ),
+    Mutation(
+        "zero3_empty_adapter_refused",
+        "resuming a DeepSpeed ZeRO-3 checkpoint, whose adapter file holds no tensors, is refused as if every weight "
+        "were new",
+        "    if not saved_shapes:  # weights kept elsewhere (ZeRO-3 without gathering), whatever this run's settings\n"
+        "        return\n",
+        "",
+        ("tests/test_daily_use.py::test_a_checkpoint_whose_adapter_file_holds_no_weights_is_resumed_unchecked",),
     ),
 ]
 

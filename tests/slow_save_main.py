@@ -8,6 +8,9 @@ The hooks are read from the environment, so that re-running the very same comman
 - `SLOW_SAVE_HOLD_AT_STEP=N`: at the end of step N each rank waits for its stop request (a signal) before the
   preemption handler looks for one, so the run stops at step N whatever the timing.
 - `SLOW_SAVE_SECONDS=S`: writing the checkpoint of step N takes S seconds longer, in the middle of the save.
+- `SLOW_SAVE_LATE_SIGNAL_RANK=R`: rank R sends itself SIGTERM at the end of the last step, once the preemption
+  handler has looked for a stop request there; `SLOW_SAVE_FINAL_SECONDS=S`: rank 0's final save of the trainer state
+  (after training) takes S seconds longer.
 - `SLOW_SAVE_HOLD_BEFORE_TRAINING=1`: each rank writes `DIR/rank<R>-loading` as it starts loading the model (the rows
   checked, no training begun) and waits there (up to 300 s) for a signal to end it.
 
@@ -17,6 +20,7 @@ then meet DDP as Gaudi ranks do.
 """
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -50,6 +54,12 @@ class HoldUntilStopRequested(transformers.TrainerCallback):
                 time.sleep(0.05)
 
 
+class SignalAfterTheLastStepEnds(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main() -> None:
     hold_step = int(os.environ.get("SLOW_SAVE_HOLD_AT_STEP", "0"))
     seconds = float(os.environ.get("SLOW_SAVE_SECONDS", "0"))
@@ -79,8 +89,24 @@ def main() -> None:
         time.sleep(300)  # only against a hang: the test signals as soon as it sees the mark
         return load_model(*args, **kwargs)
 
+    def build_trainer_with_late_signal(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        trainer.add_callback(SignalAfterTheLastStepEnds())  # last in line, after the preemption handler
+        return trainer
+
+    save_state = transformers.Trainer.save_state
+
+    def slow_save_state(self):
+        if RANK == "0":
+            time.sleep(float(os.environ["SLOW_SAVE_FINAL_SECONDS"]))
+        return save_state(self)
+
     if hold_step:
         run_lora_vlm.build_trainer = build_trainer_with_hold
+    if os.environ.get("SLOW_SAVE_LATE_SIGNAL_RANK") == RANK:
+        run_lora_vlm.build_trainer = build_trainer_with_late_signal
+    if os.environ.get("SLOW_SAVE_FINAL_SECONDS"):
+        transformers.Trainer.save_state = slow_save_state
     if os.environ.get("SLOW_SAVE_HOLD_BEFORE_TRAINING"):
         run_lora_vlm.load_model = load_model_after_a_hold
     transformers.Trainer._save_optimizer_and_scheduler = slow_save_optimizer

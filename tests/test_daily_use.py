@@ -119,6 +119,24 @@ def test_resuming_with_other_trained_weights_is_one_line_and_changes_nothing(ass
     assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == before
 
 
+def test_a_checkpoint_whose_adapter_file_holds_no_weights_is_resumed_unchecked(assets, tmp_path):
+    """DeepSpeed ZeRO-3 checkpoints keep the weights in DeepSpeed's files and write an adapter file without tensors
+    (transformers/trainer.py:3986): nothing to compare, so no refusal. The same model against a file with another
+    shape is refused."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText
+
+    model = get_peft_model(AutoModelForImageTextToText.from_pretrained(assets["model"]),
+                           LoraConfig(r=4, target_modules=["q_proj"]))
+    for name, tensors in (("empty", {}), ("other", {"base_model.model.x.lora_A.weight": torch.zeros(2, 2)})):
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "adapter_model.safetensors"))
+    rlv.check_checkpoint_trains_this_model(model, str(tmp_path / "empty"))
+    with pytest.raises(rlv.UsageError, match=r"trained other weights than this command would \(\S+ is new"):
+        rlv.check_checkpoint_trains_this_model(model, str(tmp_path / "other"))
+
+
 def test_resuming_with_another_learning_rate_says_the_checkpoint_rates_go_on(assets, finished, tmp_path, caplog):
     argv, trained_dir, _ = finished
 

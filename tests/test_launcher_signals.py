@@ -65,10 +65,12 @@ def torchrun(command):
     return [arg for arg in command if arg != "--use_mpi"]
 
 
-def rank_env(events=None, hold=None, seconds=None, hold_before_training=None):
+def rank_env(events=None, hold=None, seconds=None, hold_before_training=None, late_signal_rank=None,
+             final_seconds=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "1"}
     hooks = {"SLOW_SAVE_EVENTS": events, "SLOW_SAVE_HOLD_AT_STEP": hold, "SLOW_SAVE_SECONDS": seconds,
-             "SLOW_SAVE_HOLD_BEFORE_TRAINING": hold_before_training}
+             "SLOW_SAVE_HOLD_BEFORE_TRAINING": hold_before_training, "SLOW_SAVE_LATE_SIGNAL_RANK": late_signal_rank,
+             "SLOW_SAVE_FINAL_SECONDS": final_seconds}
     env.update({name: str(value) for name, value in hooks.items() if value is not None})
     return env
 
@@ -241,6 +243,25 @@ def test_sigterm_to_the_launcher_before_training_ends_every_rank_in_one_line(ass
     assert checkpoints(output_dir) == []
 
 
+@needs_mpirun
+def test_a_stop_after_the_last_step_on_one_rank_stops_both_after_the_saves(assets, mixed_rows, tmp_path):
+    """Rank 1 alone gets SIGTERM after the last step's stop check; rank 0 takes seconds to save the trainer state.
+    Both ranks agree on the stop once the training is saved: neither goes on, and rank 1 does not end the job while
+    rank 0 still writes."""
+    output_dir = tmp_path / "out"
+    command = launch_command(2, HOOKS_MAIN, *six_steps(assets, mixed_rows, output_dir, "--max_steps", "2"))
+    run = Run(command, rank_env(late_signal_rank=1, final_seconds=SAVE_SECONDS), tmp_path / "log")
+    try:
+        returncode = run.finish(timeout=300)
+    finally:
+        run.kill()
+    assert returncode == 143, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stderr.count("Preempted (SIGTERM) after the last step: the adapter and training results are saved") \
+        == 2, run.stderr[-3000:]
+    assert (output_dir / "trainer_state.json").is_file() and (output_dir / "train_results.json").is_file()
+    assert (output_dir / "adapter_model.safetensors").is_file() and not (output_dir / rlv.RUN_FLAGS_FILE).exists()
+
+
 def test_sigterm_outside_training_is_one_line_and_the_handlers_are_restored(assets, tmp_path, monkeypatch, capsys):
     validate_rows = rlv.validate_rows
 
@@ -261,6 +282,41 @@ def test_sigterm_outside_training_is_one_line_and_the_handlers_are_restored(asse
     assert capsys.readouterr().err.splitlines()[-1] == (
         "error: stopped (SIGTERM) outside training: no step to finish, nothing to save. Run the same command again "
         "to go on.")
+
+
+def sleep_once_started(started):
+    started.set()
+    time.sleep(60)
+
+
+def test_a_stop_ends_forked_workers_quietly_and_an_error_after_it_is_the_stop(assets, tmp_path, monkeypatch, capsys):
+    """A process forked outside training (as datasets.map's pool and DataLoader workers are) ends as the signal ends
+    it, without raising the run's stop; and an error raised while cleaning up after the stop (datasets.map's pool
+    raises a TimeoutError) still ends the run as the stop: one line, 143."""
+    import multiprocessing
+
+    validate_rows, exit_codes, fork = rlv.validate_rows, [], multiprocessing.get_context("fork")
+
+    def validate_rows_with_a_worker_then_a_stop(*args, **kwargs):
+        started = fork.Event()
+        worker = fork.Process(target=sleep_once_started, args=(started,))
+        worker.start()
+        # Signalled once running: Python drops a signal that reaches a child before it is set up after the fork.
+        assert started.wait(timeout=30)
+        os.kill(worker.pid, signal.SIGTERM)
+        worker.join(timeout=30)
+        exit_codes.append(worker.exitcode)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the stop is raised here
+        finally:
+            raise TimeoutError("the pool's results, no longer waited for")
+
+    monkeypatch.setattr(rlv, "validate_rows", validate_rows_with_a_worker_then_a_stop)
+    assert rlv.cli(train_argv(assets, tmp_path, "--do_train", "--max_steps", "2")) == 143
+    assert exit_codes == [-signal.SIGTERM]
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: stopped (SIGTERM) outside training") and "Traceback" not in err
 
 
 class SignalAfterTheLastStepEnds(transformers.TrainerCallback):

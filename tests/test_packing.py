@@ -225,6 +225,20 @@ def test_the_dry_run_checks_packs_as_training_builds_them(assets, tmp_path, monk
     assert "Dry run passed: {'batches': 2, 'rows': 8, 'images': 8}" in caplog.text
 
 
+def test_the_dry_run_packs_qwen2_5_vl_rows(assets, family_models, tmp_path, monkeypatch, caplog):
+    """Its packed positions come from the model's config (qwen2_5_vl_rope_positions), which the dry run loads."""
+    monkeypatch.setattr(rlv, "load_model", lambda *a, **k: pytest.fail("the dry run loaded the model"))
+    with caplog.at_level("INFO"):
+        assert rlv.cli(train_argv(assets, tmp_path, "--model_name_or_path", family_models["qwen2_5_vl"], "--do_train",
+                                  "--dry_run_data", "1", "--packing", "--max_train_samples", "16",
+                                  "--per_device_train_batch_size", "1")) == 0
+    packs = re.search(r"Packs of \d+ tokens \(train: 16 rows in (\d+) packs", caplog.text)
+    rows = re.search(r"Dry run passed: \{'batches': 1, 'rows': (\d+), 'images': (\d+)\}", caplog.text)
+    # 16 rows in fewer packs: the first pack holds several rows, one image each.
+    assert packs and int(packs.group(1)) < 16 and rows, caplog.text[-2000:]
+    assert int(rows.group(1)) == int(rows.group(2)) > 1
+
+
 @pytest.mark.parametrize("flags, message", [
     (("--packing_length", "64"), r"^--packing_length sets the length of --packing's packs; add --packing"),
     (("--packing", "--packing_length", "0"), r"^--packing_length must be a positive integer, got 0"),
