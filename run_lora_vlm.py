@@ -2957,7 +2957,8 @@ class PreemptionHandler(transformers.TrainerCallback):
         if self.host_group is not None:
             agreed = torch.tensor([self.signum], dtype=torch.int32)
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
-            self.signum = self.signum or int(agreed.item())
+            agreed_signum = int(agreed.item())
+            self.signum = self.signum or agreed_signum
         return self.signum
 
 
@@ -3078,14 +3079,17 @@ def train_and_save(trainer, num_rows: int) -> None:
         Path(args.output_dir, "all_results.json").unlink(missing_ok=True)
     preemption = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionHandler))
     # Installed until the training is saved: a stop during the final save waits for it (a second one stops at once).
-    previous_handlers = preemption.install()
+    previous_handlers, stopped_after_training = preemption.install(), False
     try:
         train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        if preemption.stopped_at_step is None:
+        # Every rank waits for rank 0's saves before a stop: the first rank to exit would end an MPI job while rank 0
+        # still writes.
+        if preemption.stopped_at_step is not None:
+            trainer.accelerator.wait_for_everyone()
+        else:
             save_training(trainer, train_result, num_rows)
-        # Every rank waits for the saves (a collective): the first rank to exit would end an MPI job while rank 0
-        # still writes. A stop that came after the last step's end (during the final checkpoint, say) is agreed here.
-        stopped_after_training = preemption.agree() and preemption.stopped_at_step is None
+            # A stop that came after the last step's end (during the final checkpoint, say), agreed by all ranks.
+            stopped_after_training = bool(preemption.agree())
     finally:
         preemption.restore(previous_handlers)
     if preemption.stopped_at_step is not None:

@@ -175,8 +175,8 @@ MUTATIONS = [
     Mutation(
         "preempted_rank_exits_early",
         "after SIGTERM a rank exits without waiting for rank 0's checkpoint (which can end the MPI job mid-save)",
-        "            trainer.accelerator.wait_for_everyone()\n    finally:",
-        "            pass\n    finally:",
+        "        if preemption.stopped_at_step is not None:\n            trainer.accelerator.wait_for_everyone()\n",
+        "        if preemption.stopped_at_step is not None:\n            pass\n",
         ("tests/test_multi_rank.py::test_a_preempted_job_ends_only_once_rank_0_has_written_the_checkpoint",),
     ),
     # Bugs fixed in issue 25.
@@ -406,8 +406,8 @@ MUTATIONS = [
         "late_stop_ranks_exit_unsynchronized",
         "after a stop that came after the last step, ranks do not agree on it: a rank whose signal came late goes on "
         "to evaluate while the others exit",
-        "        stopped_after_training = preemption.agree() and preemption.stopped_at_step is None\n",
-        "        stopped_after_training = preemption.signum and preemption.stopped_at_step is None\n",
+        "            stopped_after_training = bool(preemption.agree())\n",
+        "            stopped_after_training = bool(preemption.signum)\n",
         ("tests/test_launcher_signals.py::test_a_stop_after_the_last_step_on_one_rank_stops_both_after_the_saves",),
     ),
     Mutation(
