@@ -214,7 +214,7 @@ MUTATIONS = [
         "paths_not_checked_first",
         "a mistyped path is sent to the Hub (about 30 s of retries online) and ends in the Hub's last line, not the "
         "path",
-        "        check_paths(args)\n",
+        "            check_paths(args)\n",
         "",
         ("tests/test_daily_use.py::test_a_wrong_path_is_one_line_naming_it_before_anything_loads",),
     ),
@@ -294,7 +294,7 @@ MUTATIONS = [
     Mutation(
         "adapter_crops_dropped_on_rerun",
         "an adapter trained with --pan_and_scan, evaluated by a rerun without the flag, is shown no crops",
-        "        check_adapter_crops(args)\n",
+        "            check_adapter_crops(args)\n",
         "",
         ("tests/test_pan_and_scan.py::test_an_adapter_trained_with_crops_is_not_evaluated_without_them",),
     ),
