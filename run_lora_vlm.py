@@ -3113,7 +3113,6 @@ def check_checkpoint_trains_this_model(model, checkpoint: str) -> None:
     an empty adapter file unless gathering is asked for (transformers/trainer.py:3986)."""
     from peft import get_peft_model_state_dict
     from safetensors import safe_open
-
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     saved_file = Path(checkpoint, "adapter_model.safetensors")
