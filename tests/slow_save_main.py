@@ -10,7 +10,8 @@ The hooks are read from the environment, so that re-running the very same comman
 - `SLOW_SAVE_SECONDS=S`: writing the checkpoint of step N takes S seconds longer, in the middle of the save.
 - `SLOW_SAVE_LATE_SIGNAL_RANK=R`: rank R sends itself SIGTERM at the end of the last step, once the preemption
   handler has looked for a stop request there; `SLOW_SAVE_FINAL_SECONDS=S`: rank 0's final save of the trainer state
-  (after training) takes S seconds longer.
+  (after training) takes S seconds longer, then rank 0 writes `DIR/rank0-state-saved`; as each rank exits it writes
+  `DIR/rank<R>-exit`, listing the events present at that moment (their order, read without a clock).
 - `SLOW_SAVE_HOLD_BEFORE_TRAINING=1`: each rank writes `DIR/rank<R>-loading` as it starts loading the model (the rows
   checked, no training begun) and waits there (up to 300 s) for a signal to end it.
 
@@ -19,6 +20,7 @@ It also gives `--ddp_find_unused_parameters` the default GaudiTrainingArguments 
 then meet DDP as Gaudi ranks do.
 """
 
+import atexit
 import os
 import signal
 import sys
@@ -97,9 +99,18 @@ def main() -> None:
     save_state = transformers.Trainer.save_state
 
     def slow_save_state(self):
-        if RANK == "0":
-            time.sleep(float(os.environ["SLOW_SAVE_FINAL_SECONDS"]))
-        return save_state(self)
+        if RANK != "0":
+            return save_state(self)
+        time.sleep(float(os.environ["SLOW_SAVE_FINAL_SECONDS"]))
+        saved = save_state(self)
+        mark("state-saved")
+        return saved
+
+    def mark_exit():
+        events = os.environ.get("SLOW_SAVE_EVENTS")
+        if events:
+            Path(events).mkdir(parents=True, exist_ok=True)
+            Path(events, f"rank{RANK}-exit").write_text("\n".join(sorted(p.name for p in Path(events).iterdir())))
 
     if hold_step:
         run_lora_vlm.build_trainer = build_trainer_with_hold
@@ -107,6 +118,7 @@ def main() -> None:
         run_lora_vlm.build_trainer = build_trainer_with_late_signal
     if os.environ.get("SLOW_SAVE_FINAL_SECONDS"):
         transformers.Trainer.save_state = slow_save_state
+        atexit.register(mark_exit)
     if os.environ.get("SLOW_SAVE_HOLD_BEFORE_TRAINING"):
         run_lora_vlm.load_model = load_model_after_a_hold
     transformers.Trainer._save_optimizer_and_scheduler = slow_save_optimizer

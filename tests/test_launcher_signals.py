@@ -245,12 +245,12 @@ def test_sigterm_to_the_launcher_before_training_ends_every_rank_in_one_line(ass
 
 @needs_mpirun
 def test_a_stop_after_the_last_step_on_one_rank_stops_both_after_the_saves(assets, mixed_rows, tmp_path):
-    """Rank 1 alone gets SIGTERM after the last step's stop check; rank 0 takes seconds to save the trainer state.
-    Both ranks agree on the stop once the training is saved: neither goes on, and rank 1 does not end the job while
-    rank 0 still writes."""
-    output_dir = tmp_path / "out"
+    """Rank 1 alone gets SIGTERM after the last step's stop check; rank 0 takes a second longer to save the trainer
+    state. Both ranks agree on the stop once the training is saved: neither goes on, and rank 1 does not end the job
+    while rank 0 still writes."""
+    output_dir, events = tmp_path / "out", tmp_path / "events"
     command = launch_command(2, HOOKS_MAIN, *six_steps(assets, mixed_rows, output_dir, "--max_steps", "2"))
-    run = Run(command, rank_env(late_signal_rank=1, final_seconds=SAVE_SECONDS), tmp_path / "log")
+    run = Run(command, rank_env(events, late_signal_rank=1, final_seconds=1), tmp_path / "log")
     try:
         returncode = run.finish(timeout=300)
     finally:
@@ -258,6 +258,7 @@ def test_a_stop_after_the_last_step_on_one_rank_stops_both_after_the_saves(asset
     assert returncode == 143, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stderr.count("Preempted (SIGTERM) after the last step: the adapter and training results are saved") \
         == 2, run.stderr[-3000:]
+    assert "rank0-state-saved" in (events / "rank1-exit").read_text().split()  # rank 1 waited for rank 0's save
     assert (output_dir / "trainer_state.json").is_file() and (output_dir / "train_results.json").is_file()
     assert (output_dir / "adapter_model.safetensors").is_file() and not (output_dir / rlv.RUN_FLAGS_FILE).exists()
 
