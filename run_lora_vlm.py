@@ -94,11 +94,8 @@ class UsageError(ValueError):
 class StopRequested(BaseException):
     """A stop signal (SIGTERM, the launcher's stop request) outside training, where no step is there to finish and
     nothing to checkpoint: the run ends at once, in one line, as Ctrl-C does. A BaseException, like KeyboardInterrupt,
-    so that no library's `except Exception` takes it for an error of its own and carries on."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
+    so that no library's `except Exception` takes it for an error of its own and carries on. StopOutsideTraining
+    raises it and holds the signal."""
 
 
 def one_line(error: BaseException, limit: int = 400) -> str:
@@ -704,7 +701,7 @@ class StopOutsideTraining:
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
-        raise StopRequested(signum)
+        raise StopRequested(signal.Signals(signum).name)
 
     def received(self) -> int:
         return self.signum
@@ -3118,13 +3115,13 @@ def check_checkpoint_trains_this_model(model, checkpoint: str) -> None:
     saved_file = Path(checkpoint, "adapter_model.safetensors")
     if is_deepspeed_zero3_enabled() or not saved_file.is_file():
         return
+    prefix = "base_model.model."  # PEFT's, on every name: left out of the message
     with safe_open(str(saved_file), framework="pt") as saved:
-        saved_shapes = {name: tuple(saved.get_slice(name).get_shape()) for name in saved.keys()}
+        saved_shapes = {name.removeprefix(prefix): tuple(saved.get_slice(name).get_shape()) for name in saved.keys()}
     if not saved_shapes:  # weights kept elsewhere (ZeRO-3 without gathering), whatever this run's settings
         return
-    shapes = {name: tuple(tensor.shape) for name, tensor in get_peft_model_state_dict(model).items()}
-    shapes = {name.removeprefix("base_model.model."): shape for name, shape in shapes.items()}
-    saved_shapes = {name.removeprefix("base_model.model."): shape for name, shape in saved_shapes.items()}
+    shapes = {name.removeprefix(prefix): tuple(tensor.shape)
+              for name, tensor in get_peft_model_state_dict(model).items()}
     differences = [f"{name} is new" for name in sorted(shapes.keys() - saved_shapes.keys())]
     differences += [f"{name} is not trained now" for name in sorted(saved_shapes.keys() - shapes.keys())]
     differences += [f"{name} has shape {list(shapes[name])}, not {list(saved_shapes[name])}"

@@ -57,9 +57,23 @@ class HoldUntilStopRequested(transformers.TrainerCallback):
 
 
 class SignalAfterTheLastStepEnds(transformers.TrainerCallback):
+    """Last in line: the preemption handler has looked for a stop request at this step end already."""
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == state.max_steps:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def with_signal_after_the_last_step(build_trainer):
+    """`build_trainer` whose trainers send this process SIGTERM at the end of the last step, after the preemption
+    handler's look."""
+
+    def build_trainer_with_late_signal(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        trainer.add_callback(SignalAfterTheLastStepEnds())
+        return trainer
+
+    return build_trainer_with_late_signal
 
 
 def main() -> None:
@@ -91,11 +105,6 @@ def main() -> None:
         time.sleep(300)  # only against a hang: the test signals as soon as it sees the mark
         return load_model(*args, **kwargs)
 
-    def build_trainer_with_late_signal(*args, **kwargs):
-        trainer = build_trainer(*args, **kwargs)
-        trainer.add_callback(SignalAfterTheLastStepEnds())  # last in line, after the preemption handler
-        return trainer
-
     save_state = transformers.Trainer.save_state
 
     def slow_save_state(self):
@@ -115,7 +124,7 @@ def main() -> None:
     if hold_step:
         run_lora_vlm.build_trainer = build_trainer_with_hold
     if os.environ.get("SLOW_SAVE_LATE_SIGNAL_RANK") == RANK:
-        run_lora_vlm.build_trainer = build_trainer_with_late_signal
+        run_lora_vlm.build_trainer = with_signal_after_the_last_step(build_trainer)
     if os.environ.get("SLOW_SAVE_FINAL_SECONDS"):
         transformers.Trainer.save_state = slow_save_state
         atexit.register(mark_exit)

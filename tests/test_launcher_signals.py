@@ -20,12 +20,12 @@ import time
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 
 import run_lora_vlm as rlv
 from conftest import TESTS_DIR, launch_command, needs_mpirun, script_args, train_argv
 from interrupted_main import with_signal_at_step
+from slow_save_main import with_signal_after_the_last_step
 from test_reliability import adapter, assert_same_adapter, logged_losses
 
 HOOKS_MAIN = TESTS_DIR / "slow_save_main.py"
@@ -320,27 +320,12 @@ def test_a_stop_ends_forked_workers_quietly_and_an_error_after_it_is_the_stop(as
     assert err.splitlines()[-1].startswith("error: stopped (SIGTERM) outside training") and "Traceback" not in err
 
 
-class SignalAfterTheLastStepEnds(transformers.TrainerCallback):
-    """Last in line: the preemption handler has looked for a stop request at this step end already."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == state.max_steps:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def test_sigterm_after_the_last_step_saves_the_training_and_leaves_evaluation_to_the_rerun(assets, tmp_path,
                                                                                            monkeypatch, caplog):
     argv = train_argv(assets, tmp_path, "--do_train", "--do_eval", "--max_steps", "2", "--per_device_train_batch_size",
                       "2", "--max_train_samples", "4", "--max_eval_samples", "2", "--save_strategy", "steps",
                       "--save_steps", "100")
-    build_trainer = rlv.build_trainer
-
-    def build_trainer_with_late_signal(*args, **kwargs):
-        trainer = build_trainer(*args, **kwargs)
-        trainer.add_callback(SignalAfterTheLastStepEnds())
-        return trainer
-
-    monkeypatch.setattr(rlv, "build_trainer", build_trainer_with_late_signal)
+    monkeypatch.setattr(rlv, "build_trainer", with_signal_after_the_last_step(rlv.build_trainer))
     with caplog.at_level("ERROR"), pytest.raises(SystemExit) as exited:
         rlv.cli(argv)
     assert exited.value.code == 143
